@@ -1,0 +1,112 @@
+"""Canonical form of an imported model.
+
+Shape inference, optional static input shapes, constant folding, topological order,
+and unique node names. Models older than opset 13 are upgraded (the reference
+functions of quantized ops are written against opset >= 13 semantics).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from qcompile.errors import UnsupportedModelError, UsageError
+
+from .model import Model
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["input_ids=1x128", ...]`` -> ``{"input_ids": (1, 128)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x")) if sep and dims else ()
+        except ValueError:
+            shape = ()
+        if not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {spec!r}: expected NAME=DxDx..., e.g. input_ids=1x128")
+        shapes[name] = shape
+    return shapes
+
+
+def canonicalize(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Model:
+    """Return the canonical form of ``model`` (a new object; ``model`` is untouched)."""
+    proto = model.to_proto()
+    proto = _upgrade_opset(proto)
+    if input_shapes:
+        _set_input_shapes(proto, input_shapes)
+    proto = infer_shapes(proto)
+    graph = gs.import_onnx(proto)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if not any(node.domain == "qcompile" for node in graph.nodes):
+        graph.fold_constants(error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False)
+    try:
+        graph.toposort()
+    except Exception as exc:  # gs raises a bare exception on cycles
+        raise UnsupportedModelError(f"graph is not a DAG ({exc})") from None
+    _unique_names(graph)
+    result = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)
+    return Model.from_proto(infer_shapes(result.to_proto()), source=model.source)
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, keeping the model as it is when inference fails."""
+    if proto.ByteSize() > 2**31 - 1:
+        return proto
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:  # inference is an aid, not a requirement
+        log.warning("shape inference failed, continuing without it: %s", exc)
+        return proto
+
+
+def _upgrade_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+    if opset >= MIN_OPSET:
+        return proto
+    try:
+        return version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"opset {opset} model could not be upgraded to opset {MIN_OPSET} ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def _set_input_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    inputs = {value.name: value for value in proto.graph.input}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape {name}: the model has no input {name!r} (inputs: {', '.join(inputs)})")
+        tensor_type = inputs[name].type.tensor_type
+        old = tensor_type.shape.dim
+        if len(old) and len(old) != len(shape):
+            raise UsageError(f"--input-shape {name}: model input has rank {len(old)}, got {len(shape)} dims")
+        for i, dim in enumerate(old):
+            if dim.HasField("dim_value") and dim.dim_value != shape[i]:
+                raise UsageError(
+                    f"--input-shape {name}: dim {i} is fixed to {dim.dim_value} in the model, got {shape[i]}"
+                )
+        del tensor_type.shape.dim[:]
+        for size in shape:
+            tensor_type.shape.dim.add().dim_value = size
+    for value in proto.graph.value_info:  # stale symbolic shapes would block re-inference
+        value.type.tensor_type.ClearField("shape")
+
+
+def _unique_names(graph: gs.Graph) -> None:
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)

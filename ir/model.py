@@ -1,0 +1,114 @@
+"""The IR's model container: an onnx-graphsurgeon graph plus what surrounds it.
+
+``Model`` wraps a ``gs.Graph`` and carries the metadata that ONNX keeps outside the
+graph (metadata properties, IR version) and the provenance of every node a pass
+created (written to the node's ``metadata_props`` as ``qcompile.pass``). The
+reference functions of quantized ops are never stored: :meth:`Model.to_proto`
+regenerates them from the op types present, so they cannot go stale.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import qops
+
+PROVENANCE_KEY = "qcompile.pass"
+MIN_IR_VERSION = 10  # node metadata_props (provenance) need IR version 10
+
+
+class Model:
+    """An ONNX model under compilation."""
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        *,
+        metadata: dict[str, str] | None = None,
+        provenance: dict[str, str] | None = None,
+        source: Path | None = None,
+    ) -> None:
+        self.graph = graph
+        self.metadata = dict(metadata or {})
+        self.provenance = dict(provenance or {})
+        self.source = source
+
+    # -- conversion ------------------------------------------------------------------
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> Model:
+        """Import a model; reference functions of the qcompile domain are dropped."""
+        if any(f.domain == qops.DOMAIN for f in proto.functions):
+            kept = [f for f in proto.functions if f.domain != qops.DOMAIN]
+            proto = copy.copy(proto)  # never edit the caller's proto
+            del proto.functions[:]
+            proto.functions.extend(kept)
+        provenance = {
+            node.name: prop.value
+            for node in proto.graph.node
+            for prop in node.metadata_props
+            if prop.key == PROVENANCE_KEY
+        }
+        graph = gs.import_onnx(proto)
+        metadata = {prop.key: prop.value for prop in proto.metadata_props}
+        return cls(graph, metadata=metadata, provenance=provenance, source=source)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to ONNX with the reference functions the quantized ops need."""
+        graph = self.graph
+        quantized_types = sorted({node.op for node in graph.nodes if qops.is_quantized(node)})
+        domains = [d for d in (graph.import_domains or []) if d.domain != qops.DOMAIN]
+        if quantized_types:
+            domains.append(onnx.helper.make_opsetid(qops.DOMAIN, qops.DOMAIN_VERSION))
+        graph.import_domains = domains or None
+        proto = gs.export_onnx(graph, do_type_check=False)
+        if not any(d.domain in ("", "ai.onnx") for d in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("", self.opset))
+        proto.functions.extend(qops.reference_functions(quantized_types, self.opset))
+        proto.ir_version = max(proto.ir_version, MIN_IR_VERSION)
+        proto.producer_name = "qcompile"
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, self.metadata)
+        for node in proto.graph.node:
+            if node.name in self.provenance:
+                prop = node.metadata_props.add()
+                prop.key, prop.value = PROVENANCE_KEY, self.provenance[node.name]
+        return proto
+
+    def copy(self) -> Model:
+        """An independent copy (weight arrays are shared: passes never edit them in place)."""
+        return Model.from_proto(self.to_proto(), source=self.source)
+
+    # -- queries ---------------------------------------------------------------------
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    def quantized_nodes(self) -> list[gs.Node]:
+        return [node for node in self.graph.nodes if qops.is_quantized(node)]
+
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()
+
+    def constant_bytes(self) -> int:
+        """Bytes of every initializer: the size of the weights on disk."""
+        return sum(
+            _nbytes(tensor)
+            for tensor in self.graph.tensors().values()
+            if isinstance(tensor, gs.Constant)
+        )
+
+    def mark(self, node: gs.Node, pass_name: str) -> None:
+        """Record that ``pass_name`` created ``node`` (its provenance)."""
+        self.provenance[node.name] = pass_name
+
+
+def _nbytes(constant: gs.Constant) -> int:
+    shape = constant.shape or ()
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize

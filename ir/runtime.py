@@ -1,0 +1,90 @@
+"""Reference execution of IR models with ONNX Runtime, and output comparison."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .model import Model
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.log_severity_level = 3
+    return options
+
+
+def make_session(
+    model: Model | onnx.ModelProto, *, extra_outputs: Iterable[str] = (), threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU session for ``model`` (a model over 2 GB goes through a temporary file)."""
+    proto = model.to_proto() if isinstance(model, Model) else model
+    extra = [name for name in extra_outputs if name not in {o.name for o in proto.graph.output}]
+    if extra:
+        proto = _with_outputs(proto, extra)
+    options = session_options(threads)
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    result = onnx.ModelProto()
+    result.CopyFrom(proto)
+    for name in names:
+        result.graph.output.append(onnx.ValueInfoProto(name=name))
+    return result
+
+
+def run_batches(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]], names=None):
+    """Run every feed; return, per output name, the results concatenated on axis 0."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    names = names or [o.name for o in session.get_outputs()]
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            outputs.setdefault(name, []).append(np.asarray(value))
+    return {name: _concat(values) for name, values in outputs.items()}
+
+
+def _concat(values: list[np.ndarray]) -> np.ndarray:
+    if len(values) == 1 or values[0].ndim == 0:
+        return values[0]
+    try:
+        return np.concatenate(values, axis=0)
+    except ValueError:  # ragged outputs: compare flattened
+        return np.concatenate([v.reshape(-1) for v in values])
+
+
+def error_metrics(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """cosine, SQNR (dB) and max-abs error of ``actual`` against ``reference``."""
+    ref = np.asarray(reference, np.float64).reshape(-1)
+    act = np.asarray(actual, np.float64).reshape(-1)
+    if ref.shape != act.shape:
+        return {"cosine": float("nan"), "sqnr_db": float("nan"), "max_abs": float("inf")}
+    noise = float(np.square(ref - act).sum())
+    signal = float(np.square(ref).sum())
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(act))
+    cosine = float(ref @ act / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
+    sqnr = float("inf") if noise == 0 else float(10.0 * np.log10(max(signal, 1e-30) / noise))
+    return {"cosine": cosine, "sqnr_db": sqnr, "max_abs": float(np.abs(ref - act).max(initial=0.0))}
+
+
+def compare_outputs(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per output, :func:`error_metrics` (only float outputs are compared)."""
+    return {
+        name: error_metrics(value, actual[name])
+        for name, value in reference.items()
+        if name in actual and np.issubdtype(np.asarray(value).dtype, np.floating)
+    }

@@ -1,0 +1,96 @@
+"""The pass context: what passes may use besides the model.
+
+Calibration data, the target, an explicit seed, a progress reporter, and activation
+capture with ONNX Runtime (bounded in memory, cached per model state). No global
+state: everything a pass reads comes through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile.ir import runtime
+from qcompile.ir.model import Model
+
+from .calibration import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Progress over a pass's units of work (layers). The default reports nothing."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int = 1) -> None:
+        pass
+
+
+@dataclass
+class PassContext:
+    calib: CalibrationSet | None = None
+    target: str = "cpu"
+    seed: int = 0
+    progress: Progress = field(default_factory=Progress)
+    max_capture_bytes: int = 512 * 2**20
+    max_capture_rows: int = 4096
+
+    def rng(self, salt: str = "") -> np.random.Generator:
+        """A generator seeded by ``seed`` and ``salt`` (e.g. a layer name): order-independent."""
+        digest = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, digest])
+
+    def capture(self, model: Model, tensor_names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Values of ``tensor_names`` on the calibration samples, as ``[rows, last_dim]``.
+
+        At most ``max_capture_rows`` rows per tensor are kept (spread over all samples),
+        and tensors are captured a few at a time so that no more than
+        ``max_capture_bytes`` are held at once beyond what is returned.
+        """
+        if self.calib is None:
+            return {}
+        names = list(dict.fromkeys(tensor_names))
+        captured: dict[str, np.ndarray] = {}
+        for chunk in self._chunks(model, names):
+            session = runtime.make_session(model, extra_outputs=chunk)
+            collected: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
+            for feed in self.calib.batches(1):
+                for name, value in zip(chunk, session.run(chunk, feed), strict=True):
+                    value = np.asarray(value)
+                    collected[name].append(value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1))
+            for name, parts in collected.items():
+                rows = np.concatenate(parts, axis=0)
+                if rows.shape[0] > self.max_capture_rows:
+                    keep = np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)
+                    rows = rows[keep]
+                captured[name] = rows.astype(np.float32, copy=False)
+        return captured
+
+    def _chunks(self, model: Model, names: list[str]) -> list[list[str]]:
+        tensors = model.tensors()
+        per_sample = {name: _bytes_per_sample(tensors.get(name)) for name in names}
+        budget_rows = max(1, self.calib.n_samples if self.calib else 1)
+        chunks: list[list[str]] = [[]]
+        used = 0
+        for name in names:
+            size = per_sample[name] * budget_rows
+            if chunks[-1] and used + size > self.max_capture_bytes:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(name)
+            used += size
+        return [c for c in chunks if c]
+
+
+def _bytes_per_sample(tensor: gs.Tensor | None) -> int:
+    if tensor is None or not tensor.shape:
+        return 1 << 20
+    dims = [d if isinstance(d, int) and d > 0 else 128 for d in tensor.shape[1:]]
+    return int(np.prod(dims, dtype=np.int64)) * 4

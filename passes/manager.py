@@ -1,0 +1,121 @@
+"""Runs an ordered pipeline of passes with checks around each one.
+
+Before anything runs: every pass's requirements (calibration data, passes that must
+come before it). After each pass: structural :func:`verify`; for passes declared
+exact and ``verify_exact`` on, the outputs on the evaluation samples must match the
+model before the pass; for every pass that changed the model, the output error
+against the FP32 input model is measured and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qcompile.errors import UsageError, VerificationError
+from qcompile.ir import runtime
+from qcompile.ir.model import Model
+from qcompile.ir.verify import verify
+
+from .base import Pass
+from .calibration import CalibrationSet
+from .context import PassContext
+
+log = logging.getLogger(__name__)
+
+EXACT_RTOL = 1e-4
+EXACT_ATOL = 1e-5
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for the summary and the manifest."""
+
+    name: str
+    spec: str
+    exact: bool
+    changed: bool
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    output_error: dict[str, dict] = field(default_factory=dict)  # vs the FP32 input model
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "exact": self.exact,
+            "changed": self.changed,
+            "seconds": round(self.seconds, 3),
+            "stats": self.stats,
+            "output_error": self.output_error,
+        }
+
+
+def check_requirements(pipeline: list[Pass], ctx: PassContext) -> None:
+    names = [p.name for p in pipeline]
+    for index, pass_ in enumerate(pipeline):
+        if pass_.requires_calibration and ctx.calib is None:
+            raise UsageError(f"pass {pass_.name} needs calibration data: add --calib FILE (or random:N)")
+        for earlier in pass_.runs_after:
+            if earlier in names[index + 1 :]:
+                raise UsageError(f"pass {earlier} must come before {pass_.name} in --passes")
+
+
+class PassManager:
+    def __init__(self, pipeline: list[Pass], *, verify_exact: bool = False,
+                 eval_samples: CalibrationSet | None = None) -> None:
+        self.pipeline = pipeline
+        self.verify_exact = verify_exact
+        self.eval_samples = eval_samples
+        self.reference_outputs: dict[str, np.ndarray] | None = None  # FP32 input model
+        self.final_outputs: dict[str, np.ndarray] | None = None  # after the last pass
+
+    def run(self, model: Model, ctx: PassContext,
+            on_pass: Callable[[int, Pass], None] | None = None) -> tuple[Model, list[PassRecord]]:
+        """Run every pass on (a copy of) ``model``; return the result and one record per pass."""
+        check_requirements(self.pipeline, ctx)
+        reference = self._outputs(model)
+        previous = reference
+        current = model.copy()
+        records = []
+        for index, pass_ in enumerate(self.pipeline):
+            if on_pass:
+                on_pass(index, pass_)
+            start = time.perf_counter()
+            result = pass_.run(current, ctx)
+            seconds = time.perf_counter() - start
+            try:
+                verify(current)
+            except VerificationError as exc:
+                raise VerificationError(f"after pass {pass_.name}: {exc}") from None
+            record = PassRecord(pass_.name, str(pass_), pass_.exact, result.changed, seconds, result.stats)
+            if result.changed and reference is not None:
+                outputs = self._outputs(current)
+                record.output_error = runtime.compare_outputs(reference, outputs)
+                if pass_.exact and self.verify_exact:
+                    self._check_exact(pass_, previous, outputs)
+                previous = outputs
+            records.append(record)
+            log.info("pass %s: changed=%s in %.2fs", pass_, result.changed, seconds)
+        self.reference_outputs, self.final_outputs = reference, previous
+        return current, records
+
+    def _outputs(self, model: Model) -> dict[str, np.ndarray] | None:
+        if self.eval_samples is None:
+            return None
+        session = runtime.make_session(model)
+        return runtime.run_batches(session, self.eval_samples.batches(1))
+
+    @staticmethod
+    def _check_exact(pass_: Pass, before: dict, after: dict) -> None:
+        for name, value in before.items():
+            if not np.allclose(after[name], value, rtol=EXACT_RTOL, atol=EXACT_ATOL):
+                worst = float(np.abs(np.asarray(after[name], np.float64) - value).max())
+                raise VerificationError(
+                    f"pass {pass_.name} is declared exact but changed output {name!r} (max abs diff {worst:.3g})"
+                )

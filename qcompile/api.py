@@ -1,0 +1,167 @@
+"""The Python API: ``compile`` a model into an artifact folder, ``load`` one back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from qcompile.backends import artifact as artifact_io
+from qcompile.backends import ort as ort_backend
+from qcompile.errors import UsageError
+from qcompile.frontends import load_model
+from qcompile.ir import io, qops
+from qcompile.ir.canonicalize import canonicalize, parse_input_shapes
+from qcompile.ir.model import Model
+from qcompile.ir.runtime import compare_outputs, run_batches
+from qcompile.passes.base import Pass
+from qcompile.passes.calibration import CalibrationSet, load_calibration, random_calibration
+from qcompile.passes.context import PassContext, Progress
+from qcompile.passes.manager import PassManager, PassRecord
+from qcompile.passes.registry import parse_pipeline
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort", "auto")
+EVAL_SAMPLES = 8
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` produced: the artifact folder, its manifest and per-pass records."""
+
+    path: Path
+    manifest: dict[str, Any]
+    records: list[PassRecord] = field(default_factory=list)
+
+    def load(self) -> artifact_io.Artifact:
+        return artifact_io.load(self.path)
+
+
+def default_output(source: Any) -> Path:
+    text = str(source)
+    if isinstance(source, (str, os.PathLike)) and not text.startswith("hf:"):
+        path = Path(text)
+        return path.with_name(f"{path.stem}.qcompile")
+    return Path("qcompile-out")
+
+
+def compile(
+    model: Any,
+    *,
+    passes: str | list[str | Pass] = "quant",
+    target: str = "cpu",
+    backend: str = "auto",
+    calib: str | Path | dict | CalibrationSet | None = None,
+    output: str | Path | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    verify: bool = False,
+    seed: int = 0,
+    accuracy_level: int = 4,
+    example_inputs: Any = None,
+    progress: Progress | None = None,
+    on_pass=None,
+) -> CompileResult:
+    """Compile ``model`` through ``passes`` and emit an artifact folder.
+
+    ``model``: an ONNX path, ``hf:FOLDER``, an ``onnx.ModelProto``, a :class:`Model`,
+    or a ``torch.nn.Module`` (with ``example_inputs``). ``calib``: ``.npz`` path, a
+    folder of ``.npy``, ``random:N``, or a dict of arrays. Without calibration data
+    the output error is measured on synthetic inputs. The output folder appears
+    only when everything succeeded.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if target not in ort_backend.TARGETS:
+        raise UsageError(f"--target {target!r}: expected one of {', '.join(ort_backend.TARGETS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UsageError(f"--ort-accuracy-level {accuracy_level}: expected 0..4")
+    pipeline = parse_pipeline(passes)
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else (input_shapes or {})
+    output = Path(output) if output is not None else default_output(model)
+    started = time.perf_counter()
+
+    source = load_model(model, example_inputs=example_inputs)
+    canonical = canonicalize(source, shapes)
+    calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None
+    eval_samples = (calibration.head(EVAL_SAMPLES) if calibration is not None
+                    else random_calibration(canonical, 4, seed=seed))
+    ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress())
+    manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples)
+    compiled, records = manager.run(canonical, ctx, on_pass=on_pass)
+
+    with io.atomic_directory(output) as staging:
+        backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
+        backend_error = _backend_error(manager, staging / backend_section["model_file"], eval_samples)
+        manifest = _manifest(model, source, canonical, compiled, records, backend_section, staging)
+        manifest["errors"] = {
+            "calibration": eval_samples.source,
+            "synthetic": eval_samples.synthetic,
+            **backend_error,
+        }
+        manifest["seconds"] = round(time.perf_counter() - started, 2)
+        artifact_io.write_manifest(staging, manifest)
+    return CompileResult(output, manifest, records)
+
+
+def load(folder: str | Path, **kwargs) -> artifact_io.Artifact:
+    """Open an artifact folder; ``.run(feeds)`` executes it."""
+    return artifact_io.load(folder, **kwargs)
+
+
+def _backend_error(manager: PassManager, artifact_model: Path, samples: CalibrationSet) -> dict:
+    """Output error of the emitted model vs the FP32 input and vs the IR's reference semantics."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(artifact_model), options, providers=["CPUExecutionProvider"])
+    emitted = run_batches(session, samples.batches(1))
+    return {
+        "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),
+        "artifact_vs_ir": compare_outputs(manager.final_outputs or {}, emitted),
+    }
+
+
+def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model,
+              records: list[PassRecord], backend_section: dict, folder: Path) -> dict:
+    input_info: dict[str, Any] = {"description": str(user_source) if not hasattr(user_source, "graph") else "<in-memory model>"}
+    if source.source is not None and Path(source.source).is_file():
+        input_info["sha256"] = artifact_io.sha256_file(Path(source.source))
+        input_info["bytes"] = Path(source.source).stat().st_size
+    layers = {}
+    for node in compiled.quantized_nodes():
+        weight = qops.read_weight(node)
+        layers[node.name] = {
+            "op": node.op,
+            "format": node.attrs["format"],
+            "bits": weight.bits,
+            "group_size": weight.group_size,
+            "sym": weight.sym,
+            "shape": [weight.rows, weight.cols],
+            "bytes": weight.nbytes,
+            "kernel": backend_section["kernels"].get(node.name, node.op),
+        }
+    return {
+        "format_version": artifact_io.FORMAT_VERSION,
+        "input": input_info,
+        "passes": [r.to_json() for r in records],
+        "backend": backend_section,
+        "layers": layers,
+        "sizes": {
+            "input_weight_bytes": canonical.constant_bytes(),
+            "ir_weight_bytes": compiled.constant_bytes(),
+            "artifact_bytes": artifact_io.folder_bytes(folder, backend_section["files"]),
+        },
+        "inputs": [_io_info(t) for t in compiled.graph.inputs],
+        "outputs": [_io_info(t) for t in compiled.graph.outputs],
+        "versions": artifact_io.tool_versions(),
+    }
+
+
+def _io_info(tensor) -> dict:
+    shape = [d if isinstance(d, int) else str(d) for d in (tensor.shape or [])]
+    return {"name": tensor.name, "dtype": str(tensor.dtype), "shape": shape}
