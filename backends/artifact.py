@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from qcompile.errors import BackendError, CalibrationError
+from qcompile.errors import BackendError, CalibrationError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,12 @@ def load(folder: str | Path, *, providers: list[str] | None = None, threads: int
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise BackendError(f"{folder}: not a qcompile artifact (no {MANIFEST})")
+        raise ModelLoadError(f"{folder}: not a qcompile artifact (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
         backend = manifest["backend"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise BackendError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({exc})") from None
     if backend.get("backend") != "ort":
         raise BackendError(f"{folder}: backend {backend.get('backend')!r} cannot be run by this version")
     wanted = providers or backend.get("providers") or ["CPUExecutionProvider"]

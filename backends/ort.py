@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-
-from qcompile.errors import BackendError
 from qcompile.ir import io, qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, pack_codes
+
+from qcompile.errors import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ class _Body:
         node = helper.make_node("Constant", [], [out])
         ref = onnx.AttributeProto()
         ref.name = "value_int" if kind == onnx.AttributeProto.INT else "value_ints"
-        ref.type = kind
+        ref.type = kind  # type: ignore[assignment]
         ref.ref_attr_name = attribute
         node.attribute.append(ref)
         self.nodes.append(node)
@@ -112,7 +112,8 @@ class _Body:
         refs = []
         for name, kind in node_attrs:
             ref = onnx.AttributeProto()
-            ref.name, ref.type, ref.ref_attr_name = name, kind, name
+            ref.name, ref.ref_attr_name = name, name
+            ref.type = kind  # type: ignore[assignment]
             refs.append(ref)
         return refs
 

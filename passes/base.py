@@ -54,9 +54,14 @@ class OptionInfo:
             return "one of " + ", ".join(_format_value(c) for c in self.choices)
         if self.type is bool:
             return "true or false"
-        if self.min is not None or self.max is not None:
+        if self.min is not None and self.max is not None:
             return f"in [{_format_value(self.min)}, {_format_value(self.max)}]"
-        return self.type.__name__
+        if self.min is not None:
+            return f">= {_format_value(self.min)}"
+        if self.max is not None:
+            return f"<= {_format_value(self.max)}"
+        names: dict[type, str] = {tuple: "list separated by |", str: "text"}
+        return names.get(self.type, self.type.__name__)
 
 
 @dataclass(frozen=True)

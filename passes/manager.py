@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from qcompile.errors import UsageError, VerificationError
 from qcompile.ir import runtime
 from qcompile.ir.model import Model
 from qcompile.ir.verify import verify
+
+from qcompile.errors import UsageError, VerificationError
 
 from .base import Pass
 from .calibration import CalibrationSet
@@ -94,8 +94,8 @@ class PassManager:
             except VerificationError as exc:
                 raise VerificationError(f"after pass {pass_.name}: {exc}") from None
             record = PassRecord(pass_.name, str(pass_), pass_.exact, result.changed, seconds, result.stats)
-            if result.changed and reference is not None:
-                outputs = self._outputs(current)
+            if result.changed and reference is not None and previous is not None:
+                outputs = self._outputs(current) or {}
                 record.output_error = runtime.compare_outputs(reference, outputs)
                 if pass_.exact and self.verify_exact:
                     self._check_exact(pass_, previous, outputs)

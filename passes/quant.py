@@ -24,7 +24,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from qcompile.ir import qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
@@ -117,6 +116,7 @@ class Quant(Pass):
 
     def _rewrite(self, model: Model, node: gs.Node, shared: dict, layer_input: np.ndarray | None) -> dict:
         weight = _weight_of(node)
+        assert weight is not None  # chosen by _select
         matrix = _as_rows(node, np.asarray(weight.values, np.float32))
         key = (weight.name, node.op if node.op != "Gemm" else f"Gemm{node.attrs.get('transB', 0)}")
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0

@@ -60,7 +60,9 @@ def parse_pipeline(spec: str | list[str | Pass]) -> list[Pass]:
 
 
 def _split_top_level(spec: str) -> list[str]:
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in spec:
         if char == "(":
             depth += 1

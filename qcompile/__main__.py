@@ -1,0 +1,5 @@
+import sys
+
+from qcompile.cli import main
+
+sys.exit(main())

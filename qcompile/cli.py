@@ -1,0 +1,294 @@
+"""The ``qcompile`` command line.
+
+    qcompile MODEL [--passes SPEC] [--target cpu|cuda|edge] [-o OUT] [--calib SRC] ...
+    qcompile passes [--json]
+    qcompile run ARTIFACT --inputs x.npz [--output y.npz] [--json]
+
+Exit codes: 0 success, 2 bad usage or bad input, 1 compilation failed. Every error
+is one line on stderr; ``-v`` adds the traceback of unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qcompile.errors import QCompileError, UsageError
+
+SUBCOMMANDS = ("passes", "run")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="qcompile",
+        description="Compile a model through compression passes into a deployable artifact. "
+        "Other commands: `qcompile passes`, `qcompile run`.",
+    )
+    parser.add_argument("model", help="ONNX file, or hf:FOLDER for a Hugging Face model folder")
+    parser.add_argument("--passes", default="quant", help='ordered passes, e.g. "quant(bits=4,group_size=32)"')
+    parser.add_argument("--target", default="cpu", choices=["cpu", "cuda", "edge"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "ort"])
+    parser.add_argument("-o", "--output", help="artifact folder (default: MODEL.qcompile next to the model)")
+    parser.add_argument("--calib", help="samples.npz, a folder of .npy, or random:N")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=DxD", help="static input shape (repeatable)")
+    parser.add_argument("--verify", action="store_true", help="check numerically that exact passes kept the outputs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ort-accuracy-level", type=int, default=4, choices=range(5),
+                        help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU)")
+    _common(parser)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
+
+
+def _passes_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile passes", description="List every pass with its options.")
+    _common(parser)
+    return parser
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile run", description="Run a compiled artifact.")
+    parser.add_argument("artifact", help="artifact folder written by qcompile")
+    parser.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    parser.add_argument("--output", help="write the outputs to this .npz")
+    _common(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------
+
+
+class _RichProgress:
+    """Adapts the pass context's progress protocol to a rich progress bar."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def start(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, amount)
+
+
+def cmd_compile(args: argparse.Namespace, out: Console) -> int:
+    from qcompile.api import compile as compile_model
+
+    console = Console(stderr=True)
+    show = not (args.quiet or args.json)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not (show and console.is_terminal),
+    )
+    with progress if show and console.is_terminal else contextlib.nullcontext():
+        result = compile_model(
+            args.model,
+            passes=args.passes,
+            target=args.target,
+            backend=args.backend,
+            calib=args.calib,
+            output=args.output,
+            input_shapes=args.input_shape or [],
+            verify=args.verify,
+            seed=args.seed,
+            accuracy_level=args.ort_accuracy_level,
+            progress=_RichProgress(progress),
+            on_pass=lambda i, p: show and console.print(f"pass {i + 1}: [bold]{escape(str(p))}[/]"),
+        )
+    if args.json:
+        print(json.dumps({"output": str(result.path), "manifest": result.manifest}, default=str))
+    elif show:
+        _print_summary(out, result)
+    return EXIT_OK
+
+
+def _print_summary(console: Console, result) -> None:
+    manifest = result.manifest
+    table = Table(title="passes", title_justify="left")
+    for column in ("pass", "kind", "layers changed", "time (s)", "output cosine vs FP32"):
+        table.add_column(column, justify="left" if column in ("pass", "kind") else "right")
+    for record in result.records:
+        layers = record.stats.get("quantized", "-") if record.changed else 0
+        cosine = _worst(record.output_error, "cosine")
+        table.add_row(record.spec, "exact" if record.exact else "lossy", str(layers), f"{record.seconds:.2f}",
+                      "-" if cosine is None else f"{cosine:.5f}")
+    console.print(table)
+    sizes, errors = manifest["sizes"], manifest["errors"]
+    summary = Table(title="artifact", title_justify="left", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("weights before", _mb(sizes["input_weight_bytes"]))
+    summary.add_row("artifact on disk", _mb(sizes["artifact_bytes"]))
+    summary.add_row("compression", f"{sizes['input_weight_bytes'] / max(sizes['artifact_bytes'], 1):.1f}x")
+    cosine = _worst(errors.get("artifact_vs_fp32", {}), "cosine")
+    sqnr = _worst(errors.get("artifact_vs_fp32", {}), "sqnr_db")
+    data = "synthetic inputs" if errors.get("synthetic") else errors.get("calibration", "")
+    if cosine is not None:
+        summary.add_row(f"output cosine vs FP32 ({data})", f"{cosine:.5f}")
+        summary.add_row("output SQNR vs FP32", f"{sqnr:.1f} dB")
+    kernels = sorted({layer["kernel"] for layer in manifest["layers"].values()})
+    summary.add_row("kernels", ", ".join(kernels) or "-")
+    summary.add_row("written to", str(result.path))
+    console.print(summary)
+
+
+def _worst(errors: dict[str, dict], key: str) -> float | None:
+    values = [metrics[key] for metrics in errors.values() if key in metrics]
+    return min(values) if values else None
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"
+
+
+def cmd_passes(args: argparse.Namespace, console: Console) -> int:
+    from qcompile.passes import registry
+
+    listing = []
+    for name in registry.available():
+        cls = registry.get(name)
+        listing.append({
+            "name": name,
+            "summary": cls.summary,
+            "exact": cls.exact,
+            "requires_calibration": cls.requires_calibration,
+            "options": [
+                {"name": o.name, "default": _text(o.default), "valid": o.describe_valid(), "help": o.help}
+                for o in cls.options()
+            ],
+        })
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return EXIT_OK
+    for item in listing:
+        kind = "exact" if item["exact"] else "lossy"
+        console.print(f"[bold]{item['name']}[/] ({kind}) - {item['summary']}")
+        table = Table(show_edge=False, box=None, padding=(0, 2))
+        for column in ("option", "default", "valid", "description"):
+            table.add_column(column)
+        for o in item["options"]:
+            table.add_row(o["name"], o["default"], o["valid"], o["help"])
+        console.print(table)
+        console.print()
+    return EXIT_OK
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "|".join(value) or "-"
+    return str(value)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+
+    from qcompile.api import load
+    from qcompile.passes.calibration import CalibrationError, _load_files
+
+    artifact = load(args.artifact)
+    feeds = _load_files(Path(args.inputs)).arrays
+    outputs = artifact.run(feeds)
+    if args.output:
+        try:
+            np.savez(args.output, **outputs)
+        except OSError as exc:
+            raise CalibrationError(f"{args.output}: cannot write ({exc.strerror})") from None
+    if args.json:
+        print(json.dumps({name: {"shape": list(v.shape), "dtype": str(v.dtype), "values": v.reshape(-1)[:8].tolist()}
+                          for name, v in outputs.items()}))
+    elif not args.quiet:
+        table = Table("output", "shape", "dtype", "first values")
+        for name, value in outputs.items():
+            table.add_row(name, str(list(value.shape)), str(value.dtype),
+                          np.array2string(value.reshape(-1)[:4], precision=4))
+        console.print(table)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------
+
+
+def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: staging folders are removed
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = Console(stderr=True)
+    verbose = "-v" in argv or "--verbose" in argv
+    _configure_logging(verbose, err)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            parser = {"passes": _passes_parser, "run": _run_parser}[argv[0]]()
+            args = parser.parse_args(argv[1:])
+            command = {"passes": cmd_passes, "run": cmd_run}[argv[0]]
+        else:
+            args = _compile_parser().parse_args(argv)
+            command = cmd_compile
+        if args.quiet:
+            logging.getLogger("qcompile").setLevel(logging.ERROR)
+        return command(args, Console(quiet=args.quiet))
+    except QCompileError as exc:
+        err.print(f"[red]qcompile: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("qcompile: interrupted; nothing was written", highlight=False)
+        return 130
+    except Exception as exc:  # an unexpected failure is still one line unless -v
+        if verbose:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"qcompile: internal error: {type(exc).__name__}: {first} (rerun with -v for details)",
+                  highlight=False, markup=False, soft_wrap=True)
+        return EXIT_FAILED
+
+
+def _configure_logging(verbose: bool, console: Console) -> None:
+    if not verbose:
+        warnings.filterwarnings("ignore")
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("qcompile")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

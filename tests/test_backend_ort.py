@@ -1,0 +1,100 @@
+"""The ONNX Runtime backend and artifacts: kernels chosen, parity with the IR, targets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import cnn_feeds, cnn_model, mlp_feeds, mlp_model
+from qcompile.ir.canonicalize import canonicalize
+from qcompile.ir.model import Model
+from qcompile.ir.runtime import make_session
+
+import qcompile
+from qcompile.errors import CalibrationError, ModelLoadError
+
+
+def _compile(tmp_path, proto, spec, **kwargs):
+    return qcompile.compile(proto, passes=spec, output=tmp_path / "out", **kwargs)
+
+
+@pytest.mark.parametrize("bits, kernel", [(2, "MatMulNBits"), (4, "MatMulNBits"), (8, "MatMulNBits"),
+                                          (3, "QMatMul reference function")])
+@pytest.mark.parametrize("sym", [False, True])
+def test_artifact_matches_ir_reference(tmp_path, bits, kernel, sym):
+    spec = f"quant(bits={bits},sym={str(sym).lower()},min_size=0)"
+    result = _compile(tmp_path, mlp_model(), spec, accuracy_level=0)
+    layers = result.manifest["layers"]
+    assert layers["fc1"]["kernel"].startswith(kernel)
+    assert layers["embed"]["kernel"].startswith("GatherBlockQuantized" if bits != 3 else "QGather")
+    vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
+    assert vs_ir["max_abs"] < 1e-3 and vs_ir["cosine"] > 0.99999
+    artifact = qcompile.load(result.path)
+    ir_model = canonicalize(Model.from_proto(mlp_model()))
+    feeds = mlp_feeds()
+    assert artifact.run(feeds)["y"].shape == make_session(ir_model).run(None, feeds)[0].shape
+
+
+def test_accuracy_level_4_error_is_measured_and_small(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)", accuracy_level=4)
+    assert result.manifest["backend"]["accuracy_level"] == 4
+    vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
+    assert 0.999 < vs_ir["cosine"] < 1.0 or vs_ir["max_abs"] < 1e-3
+
+
+def test_artifact_is_smaller_and_manifest_complete(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)")
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["sizes"]["artifact_bytes"] < manifest["sizes"]["input_weight_bytes"] / 4
+    assert manifest["passes"][0]["spec"] == "quant(min_size=0)"
+    assert set(manifest["layers"]) == {"embed", "fc1", "fc2", "fc3"}
+    assert manifest["versions"]["onnxruntime"] and manifest["backend"]["providers"] == ["CPUExecutionProvider"]
+    assert sorted(p.name for p in result.path.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_conv_model_through_the_backend(tmp_path):
+    result = _compile(tmp_path, cnn_model(), "quant(bits=4,min_size=0)", calib={"x": cnn_feeds(4)["x"]})
+    assert result.manifest["layers"]["conv1"]["kernel"].startswith("QConv reference")
+    assert result.manifest["errors"]["artifact_vs_fp32"]["y"]["cosine"] > 0.99
+    assert qcompile.load(result.path).run(cnn_feeds())["y"].shape == (2, 10)
+
+
+def test_edge_target_writes_ort_format(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)", target="edge")
+    assert (result.path / "model.ort").stat().st_size > 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.path / "model.ort"), providers=["CPUExecutionProvider"])
+    assert session.run(None, mlp_feeds())[0].shape == (12, 48)
+
+
+def test_cuda_target_records_providers_and_falls_back_here(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)", target="cuda")
+    assert result.manifest["backend"]["providers"][0] == "CUDAExecutionProvider"
+    artifact = qcompile.load(result.path)  # no GPU here: CPU fallback with a warning
+    assert artifact.run(mlp_feeds())["y"].shape == (12, 48)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a qcompile artifact"):
+        qcompile.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match="unreadable manifest"):
+        qcompile.load(tmp_path)
+
+
+def test_run_checks_feeds(tmp_path):
+    artifact = qcompile.load(_compile(tmp_path, mlp_model(), "quant(min_size=0)").path)
+    with pytest.raises(CalibrationError, match="missing: ids"):
+        artifact.run({"x": np.zeros(1)})
+    with pytest.raises(CalibrationError, match="running"):
+        artifact.run({"ids": np.zeros((2, 4), np.float32)})
+
+
+def test_emitted_model_is_valid_onnx(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)")
+    proto = onnx.load(result.path / "model.onnx")
+    onnx.checker.check_model(proto)
+    assert {o.domain for o in proto.opset_import} >= {"", "com.microsoft"}
