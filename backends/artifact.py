@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qcompile.backends import ort as ort_backend
 from qcompile.errors import BackendError, CalibrationError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,9 @@ def load(folder: str | Path, *, providers: list[str] | None = None, threads: int
     chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     if chosen != wanted:
         log.warning("providers %s not available here; running on %s", wanted, chosen)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     model_file = folder / backend.get("model_file", "model.onnx")
     try:
-        session = ort.InferenceSession(str(model_file), options, providers=chosen)
+        session = ort_backend.make_session(model_file, backend, providers=chosen, threads=threads)
     except Exception as exc:
         raise BackendError(f"{model_file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
     return Artifact(folder, manifest, session)

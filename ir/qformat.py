@@ -137,6 +137,34 @@ def _codes_for(groups: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, 
     return np.clip(q, 0, (1 << bits) - 1)
 
 
+def _column_weight(cols: int, group_size: int, importance: np.ndarray | None) -> np.ndarray:
+    """``[n_groups, group_size]`` weights of each column in the range search (0 on padding)."""
+    values = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
+    if values.shape != (cols,):
+        raise ValueError(f"importance has shape {values.shape}, expected ({cols},)")
+    values = (np.nan_to_num(np.maximum(values, 0.0)) + 1e-8).astype(np.float32)
+    padded, _ = _grouped(values[None, :], group_size)
+    return padded[0]
+
+
+def _refine_scales(groups, column_weight, scales, zero_points, errors, bits, scale_dtype, rounds):
+    """Alternate codes and the least-squares scale for them (zero points fixed), per group.
+
+    A group keeps a new scale only when it lowers that group's weighted error.
+    """
+    for _ in range(rounds):
+        centred = _codes_for(groups, scales, zero_points, bits) - zero_points[..., None]
+        denominator = (column_weight * centred * centred).sum(-1)
+        fitted = (column_weight * centred * groups).sum(-1) / np.where(denominator > 0, denominator, 1.0)
+        fitted = np.where((denominator > 0) & (fitted > 0), fitted, scales).astype(scale_dtype).astype(np.float32)
+        recon = (_codes_for(groups, fitted, zero_points, bits) - zero_points[..., None]) * fitted[..., None]
+        err = (np.square(recon - groups) * column_weight).sum(-1)
+        better = err < errors
+        scales = np.where(better, fitted, scales)
+        errors = np.where(better, err, errors)
+    return scales, errors
+
+
 def quantize_int(
     weight: np.ndarray,
     bits: int,
@@ -144,13 +172,18 @@ def quantize_int(
     *,
     sym: bool = False,
     clip_search: int = 20,
+    importance: np.ndarray | None = None,
+    refine_rounds: int = 3,
     row_chunk: int = 4096,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of ``[rows, cols]`` with a per-group range search.
 
     For every group, ``clip_search`` candidate ranges (the full min/max shrunk by up to
-    50%) are tried and the one with the smallest squared weight error kept; 0 disables
-    the search (plain min/max). Scales are stored as float16 when every scale fits, else float32.
+    50%) are tried and the one with the smallest squared error kept; 0 disables the
+    search (plain min/max). ``importance`` (``[cols]``, e.g. the calibration inputs'
+    mean square per channel) weights the error per column, so the search minimises
+    the layer's output error under a diagonal approximation instead of the weight
+    error. Scales are stored as float16 when every scale fits, else float32.
     """
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
@@ -162,6 +195,7 @@ def quantize_int(
     scale_dtype = _scale_dtype(weight, bits, group_size)
     shrinks = np.linspace(1.0, 0.5, clip_search) if clip_search > 1 else np.array([1.0])
     n_groups = -(-cols // group_size)
+    column_weight = _column_weight(cols, group_size, importance)
     codes = np.empty((rows, n_groups, group_size), np.uint8)
     scales = np.empty((rows, n_groups), np.float32)
     zero_points = np.empty((rows, n_groups), np.uint8)
@@ -174,11 +208,13 @@ def quantize_int(
             cand_scale, cand_zp = _fit_groups(groups, valid, bits, sym, float(shrink))
             cand_scale = cand_scale.astype(scale_dtype).astype(np.float32)
             recon = (_codes_for(groups, cand_scale, cand_zp, bits) - cand_zp[..., None]) * cand_scale[..., None]
-            err = (np.square(recon - groups) * valid).sum(-1)
+            err = (np.square(recon - groups) * column_weight).sum(-1)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, cand_scale, best_scale)
             best_zp = np.where(better, cand_zp, best_zp)
+        best_scale, best_err = _refine_scales(groups, column_weight, best_scale, best_zp, best_err, bits,
+                                              scale_dtype, refine_rounds)
         scales[start : start + row_chunk] = best_scale
         zero_points[start : start + row_chunk] = best_zp.astype(np.uint8)
         codes[start : start + row_chunk] = _codes_for(groups, best_scale, best_zp, bits) * valid

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from qcompile.ir.model import Model
 
 from qcompile.errors import CalibrationError
+from qcompile.ir.model import Model
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
 from qcompile.ir import runtime
 from qcompile.ir.model import Model
 

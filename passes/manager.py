@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from qcompile.errors import UsageError, VerificationError
 from qcompile.ir import runtime
 from qcompile.ir.model import Model
 from qcompile.ir.verify import verify
-
-from qcompile.errors import UsageError, VerificationError
 
 from .base import Pass
 from .calibration import CalibrationSet

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
 from qcompile.ir import qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
@@ -48,6 +49,8 @@ class Quant(Pass):
     sym: bool = option(False, "symmetric: zero point fixed at 2^(bits-1)")
     method: str = option("rtn", "rtn = round to nearest with a per-group range search", choices=("rtn",))
     clip_search: int = option(20, "candidate clipping ranges per group (0 = plain min/max)", min=0, max=200)
+    act_aware: bool = option(True, "weight the range search by the calibration inputs' energy per channel "
+                             "(minimises layer-output error; needs --calib, else weight error)")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
@@ -111,8 +114,12 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
-    def _quantize(self, matrix: np.ndarray) -> QuantizedWeight:
-        return quantize_int(matrix, self.bits, self.group_size, sym=self.sym, clip_search=self.clip_search)
+    def _quantize(self, matrix: np.ndarray, layer_input: np.ndarray | None) -> QuantizedWeight:
+        importance = None
+        if self.act_aware and layer_input is not None and layer_input.shape[-1] == matrix.shape[1]:
+            importance = np.square(layer_input).mean(axis=0)
+        return quantize_int(matrix, self.bits, self.group_size, sym=self.sym, clip_search=self.clip_search,
+                            importance=importance)
 
     def _rewrite(self, model: Model, node: gs.Node, shared: dict, layer_input: np.ndarray | None) -> dict:
         weight = _weight_of(node)
@@ -124,7 +131,7 @@ class Quant(Pass):
             matrix = matrix * alpha
             key = (f"{weight.name}*{alpha}", key[1])
         if key not in shared:
-            quantized = self._quantize(matrix)
+            quantized = self._quantize(matrix, layer_input)
             prefix = weight.name if alpha == 1.0 else f"{weight.name}.alpha"
             shared[key] = (quantized, qops.weight_constants(prefix, quantized))
         quantized, constants = shared[key]

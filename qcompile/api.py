@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from qcompile.backends import artifact as artifact_io
 from qcompile.backends import ort as ort_backend
 from qcompile.errors import UsageError
@@ -97,7 +95,7 @@ def compile(
 
     with io.atomic_directory(output) as staging:
         backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
-        backend_error = _backend_error(manager, staging / backend_section["model_file"], eval_samples)
+        backend_error = _backend_error(manager, staging, backend_section, eval_samples)
         manifest = _manifest(model, source, canonical, compiled, records, backend_section, staging)
         manifest["errors"] = {
             "calibration": eval_samples.source,
@@ -114,11 +112,9 @@ def load(folder: str | Path, **kwargs) -> artifact_io.Artifact:
     return artifact_io.load(folder, **kwargs)
 
 
-def _backend_error(manager: PassManager, artifact_model: Path, samples: CalibrationSet) -> dict:
+def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: CalibrationSet) -> dict:
     """Output error of the emitted model vs the FP32 input and vs the IR's reference semantics."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(artifact_model), options, providers=["CPUExecutionProvider"])
+    session = ort_backend.make_session(folder / backend["model_file"], backend)
     emitted = run_batches(session, samples.batches(1))
     return {
         "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import cnn_feeds, cnn_model, mlp_feeds, mlp_model
-from qcompile.ir.canonicalize import canonicalize
-from qcompile.ir.model import Model
-from qcompile.ir.runtime import make_session
 
 import qcompile
 from qcompile.errors import CalibrationError, ModelLoadError
+from qcompile.ir.canonicalize import canonicalize
+from qcompile.ir.model import Model
+from qcompile.ir.runtime import make_session
 
 
 def _compile(tmp_path, proto, spec, **kwargs):
@@ -98,3 +98,39 @@ def test_emitted_model_is_valid_onnx(tmp_path):
     proto = onnx.load(result.path / "model.onnx")
     onnx.checker.check_model(proto)
     assert {o.domain for o in proto.opset_import} >= {"", "com.microsoft"}
+
+
+def test_bias_add_is_folded_into_matmulnbits(tmp_path):
+    result = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)")
+    proto = onnx.load(result.path / "model.onnx")
+    fc1 = next(n for n in proto.graph.node if n.name == "fc1")
+    assert fc1.op_type == "MatMulNBits" and fc1.input[5] == "b1"
+    assert "fc1_bias" not in {n.name for n in proto.graph.node}
+    assert result.manifest["errors"]["artifact_vs_ir"]["y"]["cosine"] > 0.9999
+
+
+def test_per_channel_embeddings_with_padding_use_the_reference(tmp_path):
+    # 64 columns per row -> per-channel group of 64 is whole; 48 would need padding
+    result = _compile(tmp_path, mlp_model(hidden=48), "quant(bits=8,group_size=0,min_size=0)")
+    assert result.manifest["layers"]["embed"]["kernel"].startswith("QGather reference")
+    assert result.manifest["layers"]["fc1"]["kernel"] == "MatMulNBits"
+    assert result.manifest["errors"]["artifact_vs_ir"]["y"]["cosine"] > 0.9999
+
+
+def test_matmuls_sharing_an_input_are_merged_exactly(tmp_path):
+    from onnx import helper, numpy_helper
+
+    proto = mlp_model()
+    # a second and third MatMul reading fc1's input, like attention Q/K/V
+    rng = np.random.default_rng(5)
+    for name in ("k", "v"):
+        proto.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), f"w_{name}"))
+        proto.graph.node.append(helper.make_node("MatMul", ["e2", f"w_{name}"], [name], name=f"proj_{name}"))
+        proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    result = _compile(tmp_path, proto, "quant(bits=4,min_size=0)", accuracy_level=0)
+    kernels = {name: layer["kernel"] for name, layer in result.manifest["layers"].items()}
+    assert kernels["proj_k"] == kernels["proj_v"] == kernels["fc1"] == "MatMulNBits (merged: fc1, proj_k, proj_v)"
+    errors = result.manifest["errors"]["artifact_vs_ir"]
+    assert all(errors[name]["sqnr_db"] > 60 for name in ("y", "k", "v"))  # float round-off only
+    ops = [n.op_type for n in onnx.load(result.path / "model.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 3 and ops.count("Split") == 1

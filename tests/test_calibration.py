@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import mlp_model
+
+from qcompile.errors import CalibrationError
 from qcompile.ir.canonicalize import canonicalize
 from qcompile.ir.model import Model
 from qcompile.passes.calibration import load_calibration, random_calibration
 from qcompile.passes.context import PassContext
-
-from qcompile.errors import CalibrationError
 
 
 @pytest.fixture

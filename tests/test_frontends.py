@@ -20,6 +20,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+
 from qcompile.frontends import hf, text  # noqa: E402
 from qcompile.frontends import torch as torch_frontend  # noqa: E402
 from qcompile.frontends.torch import export_module  # noqa: E402

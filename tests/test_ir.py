@@ -11,13 +11,13 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import mlp_feeds, mlp_model
 from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.errors import ModelLoadError, UsageError, VerificationError
 from qcompile.ir import io
 from qcompile.ir.canonicalize import canonicalize, parse_input_shapes
 from qcompile.ir.model import PROVENANCE_KEY, Model
 from qcompile.ir.runtime import make_session
 from qcompile.ir.verify import verify
-
-from qcompile.errors import ModelLoadError, UsageError, VerificationError
 
 
 def test_load_missing_empty_random_truncated(tmp_path, mlp_path):

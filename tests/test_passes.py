@@ -8,6 +8,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from conftest import cnn_feeds, cnn_model, mlp_feeds, mlp_model
+
+from qcompile.errors import UsageError, VerificationError
 from qcompile.ir import qops
 from qcompile.ir.canonicalize import canonicalize
 from qcompile.ir.model import Model
@@ -19,8 +21,6 @@ from qcompile.passes.calibration import CalibrationSet, random_calibration
 from qcompile.passes.context import PassContext
 from qcompile.passes.manager import PassManager
 from qcompile.passes.quant import Quant
-
-from qcompile.errors import UsageError, VerificationError
 
 
 def _canonical(proto) -> Model:

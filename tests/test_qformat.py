@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from qcompile.ir.qformat import effective_group_size, pack_codes, quantize_int, unpack_codes
 
 
@@ -52,14 +53,14 @@ def _reference_minmax(weight, bits, group_size, sym):
 @pytest.mark.parametrize("sym", [False, True])
 def test_minmax_matches_reference(bits, sym):
     weight = np.random.default_rng(0).standard_normal((6, 64)).astype(np.float32)
-    quantized = quantize_int(weight, bits, 32, sym=sym, clip_search=0)
+    quantized = quantize_int(weight, bits, 32, sym=sym, clip_search=0, refine_rounds=0)
     np.testing.assert_allclose(quantized.dequantize(), _reference_minmax(weight, bits, 32, sym), atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_range_search_never_worse_than_minmax(bits):
     weight = np.random.default_rng(1).standard_t(3, size=(64, 256)).astype(np.float32)
-    plain = quantize_int(weight, bits, 32, clip_search=0).dequantize()
+    plain = quantize_int(weight, bits, 32, clip_search=0, refine_rounds=0).dequantize()
     searched = quantize_int(weight, bits, 32, clip_search=20).dequantize()
     per_group = lambda recon: np.square(recon - weight).reshape(64, -1, 32).sum(-1)  # noqa: E731
     assert (per_group(searched) <= per_group(plain) + 1e-6).all()

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+
 from qcompile.ir import qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import quantize_int
