@@ -62,8 +62,12 @@ def providers_for(target: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if target == "cuda" else ["CPUExecutionProvider"]
 
 
-def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, str]]:
-    """A copy of ``model`` with native ONNX Runtime kernels; returns it and, per layer, the kernel used."""
+def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, str], list[list[str]]]:
+    """A copy of ``model`` with native ONNX Runtime kernels.
+
+    Returns the lowered model, the kernel used per quantized layer, and the groups of
+    layers merged into one kernel because they read the same input.
+    """
     lowered = model.copy()
     graph = lowered.graph
     kernels: dict[str, str] = {}
@@ -85,14 +89,12 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         node.inputs.clear()
         node.outputs.clear()
         graph.nodes[position : position + 1] = replacement
-    for names in _merge_shared_input(graph):
-        for name in names:
-            kernels[name] = f"MatMulNBits (merged: {', '.join(names)})"
+    merged_groups = _merge_shared_input(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if any(n.domain == MSFT_DOMAIN for n in graph.nodes):
         domains = [d for d in (graph.import_domains or []) if d.domain != MSFT_DOMAIN]
         graph.import_domains = [*domains, onnx.helper.make_opsetid(MSFT_DOMAIN, 1)]
-    return lowered, kernels
+    return lowered, kernels, merged_groups
 
 
 def _merge_shared_input(graph: gs.Graph) -> list[list[str]]:
@@ -227,7 +229,7 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
     """Write the ONNX Runtime artifact's model files into ``folder``; return the manifest section."""
     if target not in TARGETS:
         raise BackendError(f"backend ort: unknown target {target!r} (targets: {', '.join(TARGETS)})")
-    lowered, kernels = lower(model, accuracy_level=accuracy_level)
+    lowered, kernels, merged_groups = lower(model, accuracy_level=accuracy_level)
     model_path = io.save(lowered, folder / MODEL_FILE)
     files = [MODEL_FILE] + [p.name for p in folder.glob(f"{MODEL_FILE}.data")]
     try:
@@ -250,4 +252,5 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
         "files": files,
         "accuracy_level": accuracy_level,
         "kernels": kernels,
+        "merged": merged_groups,
     }

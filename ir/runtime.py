@@ -24,9 +24,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(
-    model: Model | onnx.ModelProto, *, extra_outputs: Iterable[str] = (), threads: int | None = None
+    model: Model | onnx.ModelProto | str | os.PathLike,
+    *,
+    extra_outputs: Iterable[str] = (),
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """A CPU session for ``model`` (a model over 2 GB goes through a temporary file)."""
+    if isinstance(model, (str, os.PathLike)) and not extra_outputs:
+        return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model))
     proto = model.to_proto() if isinstance(model, Model) else model
     extra = [name for name in extra_outputs if name not in {o.name for o in proto.graph.output}]
     if extra:

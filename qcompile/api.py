@@ -128,6 +128,7 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
     if source.source is not None and Path(source.source).is_file():
         input_info["sha256"] = artifact_io.sha256_file(Path(source.source))
         input_info["bytes"] = Path(source.source).stat().st_size
+    merged_with = {name: group for group in backend_section["merged"] for name in group}
     layers = {}
     for node in compiled.quantized_nodes():
         weight = qops.read_weight(node)
@@ -141,6 +142,8 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
             "bytes": weight.nbytes,
             "kernel": backend_section["kernels"].get(node.name, node.op),
         }
+        if node.name in merged_with:
+            layers[node.name]["merged_with"] = [n for n in merged_with[node.name] if n != node.name]
     return {
         "format_version": artifact_io.FORMAT_VERSION,
         "input": input_info,

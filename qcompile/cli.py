@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,8 @@ def _print_summary(console: Console, result) -> None:
     if cosine is not None:
         summary.add_row(f"output cosine vs FP32 ({data})", f"{cosine:.5f}")
         summary.add_row("output SQNR vs FP32", f"{sqnr:.1f} dB")
-    kernels = sorted({layer["kernel"] for layer in manifest["layers"].values()})
-    summary.add_row("kernels", ", ".join(kernels) or "-")
+    kernels = Counter(layer["kernel"].split(" (")[0] for layer in manifest["layers"].values())
+    summary.add_row("kernels", ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items())) or "-")
     summary.add_row("written to", str(result.path))
     console.print(summary)
 

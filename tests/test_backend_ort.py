@@ -128,8 +128,9 @@ def test_matmuls_sharing_an_input_are_merged_exactly(tmp_path):
         proto.graph.node.append(helper.make_node("MatMul", ["e2", f"w_{name}"], [name], name=f"proj_{name}"))
         proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     result = _compile(tmp_path, proto, "quant(bits=4,min_size=0)", accuracy_level=0)
-    kernels = {name: layer["kernel"] for name, layer in result.manifest["layers"].items()}
-    assert kernels["proj_k"] == kernels["proj_v"] == kernels["fc1"] == "MatMulNBits (merged: fc1, proj_k, proj_v)"
+    layers = result.manifest["layers"]
+    assert layers["proj_k"]["kernel"] == layers["fc1"]["kernel"] == "MatMulNBits"
+    assert layers["fc1"]["merged_with"] == ["proj_k", "proj_v"] and "merged_with" not in layers["fc2"]
     errors = result.manifest["errors"]["artifact_vs_ir"]
     assert all(errors[name]["sqnr_db"] > 60 for name in ("y", "k", "v"))  # float round-off only
     ops = [n.op_type for n in onnx.load(result.path / "model.onnx").graph.node]

@@ -112,6 +112,7 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     with io.atomic_directory(target) as staging:
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert target.stat().st_mode & 0o755 == 0o755
     assert [p.name for p in target.iterdir()] == ["new.txt"]
 
 
