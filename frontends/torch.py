@@ -82,8 +82,18 @@ def _check_onnx(path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def _export_torchscript(
+# Exporter name -> the torch.onnx.export arguments that select and configure it, in the
+# order they are tried: TorchScript is fast and gives clean graphs; the torch.export-based
+# exporter (weights kept inside the file) handles what tracing cannot.
+EXPORTERS: dict[str, dict[str, Any]] = {
+    "torchscript": {"dynamo": False, "do_constant_folding": True},
+    "dynamo": {"dynamo": True, "external_data": False, "optimize": True},
+}
+
+
+def _export(
     torch: Any,
+    exporter: str,
     module: Any,
     args: tuple[Any, ...],
     dest: Path,
@@ -92,7 +102,7 @@ def _export_torchscript(
     dynamic_axes: DynamicAxes | None,
     opset: int,
 ) -> None:
-    """Export with the legacy TorchScript (tracing) exporter."""
+    """Export with one of :data:`EXPORTERS`."""
     torch.onnx.export(
         module,
         args,
@@ -101,33 +111,7 @@ def _export_torchscript(
         output_names=list(output_names),
         dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
         opset_version=opset,
-        dynamo=False,
-        do_constant_folding=True,
-    )
-
-
-def _export_dynamo(
-    torch: Any,
-    module: Any,
-    args: tuple[Any, ...],
-    dest: Path,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
-    dynamic_axes: DynamicAxes | None,
-    opset: int,
-) -> None:
-    """Export with the ``torch.export``-based exporter, weights kept inside the file."""
-    torch.onnx.export(
-        module,
-        args,
-        str(dest),
-        input_names=list(input_names),
-        output_names=list(output_names),
-        dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        optimize=True,
+        **EXPORTERS[exporter],
     )
 
 
@@ -141,10 +125,10 @@ def _remove_quietly(*paths: Path) -> None:
 def _try_exporters(torch: Any, module: Any, args: tuple[Any, ...], tmp: Path, **kw: Any) -> str:
     """Run the TorchScript exporter, falling back to dynamo; return the one that worked."""
     errors: list[str] = []
-    for name, exporter in (("torchscript", _export_torchscript), ("dynamo", _export_dynamo)):
+    for name in EXPORTERS:
         try:
             with _quiet_export(), torch.no_grad():
-                exporter(torch, module, args, tmp, **kw)
+                _export(torch, name, module, args, tmp, **kw)
             _check_onnx(tmp)
             return name
         except Exception as exc:  # noqa: BLE001 - any exporter failure triggers the fallback

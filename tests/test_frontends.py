@@ -134,11 +134,19 @@ def test_export_restores_each_submodule_training_flag(tmp_path):
     assert module.training and module.net[0].training and not module.net[2].training
 
 
-def test_export_falls_back_to_dynamo(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("torchscript exporter unavailable")
+def _break_exporters(monkeypatch, broken: set[str], message: str) -> None:
+    real = torch_frontend._export
 
-    monkeypatch.setattr(torch_frontend, "_export_torchscript", broken)
+    def export(torch_module, exporter, *args, **kwargs):
+        if exporter in broken:
+            raise RuntimeError(message)
+        return real(torch_module, exporter, *args, **kwargs)
+
+    monkeypatch.setattr(torch_frontend, "_export", export)
+
+
+def test_export_falls_back_to_dynamo(tmp_path, monkeypatch):
+    _break_exporters(monkeypatch, {"torchscript"}, "torchscript exporter unavailable")
     module = _seeded(TinyMLP())
     out = export_module(
         module,
@@ -156,11 +164,7 @@ def test_export_falls_back_to_dynamo(tmp_path, monkeypatch):
 
 
 def test_export_failure_is_one_line_frontend_error_and_keeps_old_file(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom\nsecond line")
-
-    monkeypatch.setattr(torch_frontend, "_export_torchscript", broken)
-    monkeypatch.setattr(torch_frontend, "_export_dynamo", broken)
+    _break_exporters(monkeypatch, {"torchscript", "dynamo"}, "boom\nsecond line")
     dest = tmp_path / "m.onnx"
     dest.write_bytes(b"old")
     with pytest.raises(FrontendError) as info:
