@@ -36,6 +36,9 @@ class Progress:
 @dataclass
 class PassContext:
     calib: CalibrationSet | None = None
+    # Synthetic samples for passes that only *benefit* from activation statistics, used
+    # when the user gave no calibration data (passes that need data still refuse to run).
+    synthetic_calib: CalibrationSet | None = None
     target: str = "cpu"
     seed: int = 0
     progress: Progress = field(default_factory=Progress)
@@ -47,21 +50,25 @@ class PassContext:
         digest = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
         return np.random.default_rng([self.seed, digest])
 
-    def capture(self, model: Model, tensor_names: Iterable[str]) -> dict[str, np.ndarray]:
+    def capture(
+        self, model: Model, tensor_names: Iterable[str], *, allow_synthetic: bool = False
+    ) -> dict[str, np.ndarray]:
         """Values of ``tensor_names`` on the calibration samples, as ``[rows, last_dim]``.
 
-        At most ``max_capture_rows`` rows per tensor are kept (spread over all samples),
+        With ``allow_synthetic``, the synthetic samples stand in for missing calibration
+        data (see :attr:`uses_synthetic`). At most ``max_capture_rows`` rows per tensor are kept (spread over all samples),
         and tensors are captured a few at a time so that no more than
         ``max_capture_bytes`` are held at once beyond what is returned.
         """
-        if self.calib is None:
+        samples = self.calib or (self.synthetic_calib if allow_synthetic else None)
+        if samples is None:
             return {}
         names = list(dict.fromkeys(tensor_names))
         captured: dict[str, np.ndarray] = {}
-        for chunk in self._chunks(model, names):
+        for chunk in self._chunks(names, model, samples.n_samples):
             session = runtime.make_session(model, extra_outputs=chunk)
             collected: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
-            for feed in self.calib.batches(1):
+            for feed in samples.batches(1):
                 for name, value in zip(chunk, session.run(chunk, feed), strict=True):
                     value = np.asarray(value)
                     collected[name].append(value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1))
@@ -73,10 +80,15 @@ class PassContext:
                 captured[name] = rows.astype(np.float32, copy=False)
         return captured
 
-    def _chunks(self, model: Model, names: list[str]) -> list[list[str]]:
+    @property
+    def uses_synthetic(self) -> bool:
+        """True when activation statistics come from synthetic samples."""
+        return self.calib is None and self.synthetic_calib is not None
+
+    def _chunks(self, names: list[str], model: Model, n_samples: int) -> list[list[str]]:
         tensors = model.tensors()
         per_sample = {name: _bytes_per_sample(tensors.get(name)) for name in names}
-        budget_rows = max(1, self.calib.n_samples if self.calib else 1)
+        budget_rows = max(1, n_samples)
         chunks: list[list[str]] = [[]]
         used = 0
         for name in names:

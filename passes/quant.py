@@ -49,15 +49,16 @@ class Quant(Pass):
     sym: bool = option(False, "symmetric: zero point fixed at 2^(bits-1)")
     method: str = option("rtn", "rtn = round to nearest with a per-group range search", choices=("rtn",))
     clip_search: int = option(20, "candidate clipping ranges per group (0 = plain min/max)", min=0, max=200)
-    act_aware: bool = option(True, "weight the range search by the calibration inputs' energy per channel "
-                             "(minimises layer-output error; needs --calib, else weight error)")
+    act_aware: bool = option(True, "weight the range search by the inputs' energy per channel (minimises "
+                             "layer-output error; synthetic inputs stand in when there is no --calib)")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         candidates, skipped = self._select(model)
-        inputs = ctx.capture(model, [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")])
+        inputs = ctx.capture(model, [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")],
+                             allow_synthetic=self.act_aware)
         ctx.progress.start(f"{self.name}: layers", len(candidates))
         shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
         layers = {}
@@ -71,6 +72,8 @@ class Quant(Pass):
             "skipped": skipped,
             "quantized": len(layers),
             "weight_bytes": sum(w.nbytes for w, _ in shared.values()),
+            "activation_statistics": "synthetic" if ctx.uses_synthetic and inputs else
+                                     ("calibration" if inputs else "none"),
         }
         return PassResult(bool(candidates), stats)
 

@@ -89,7 +89,8 @@ def compile(
     calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None
     eval_samples = (calibration.head(EVAL_SAMPLES) if calibration is not None
                     else random_calibration(canonical, 4, seed=seed))
-    ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress())
+    ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress(),
+                      synthetic_calib=None if calibration is not None else random_calibration(canonical, 8, seed=seed))
     manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples)
     compiled, records = manager.run(canonical, ctx, on_pass=on_pass)
 

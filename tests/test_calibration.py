@@ -99,3 +99,10 @@ def test_capture_is_bounded_and_flattened(model):
     captured = ctx.capture(model, ["e2", "a1"])
     assert captured["e2"].shape == (5, 64) and captured["a1"].shape == (5, 128)
     assert PassContext().capture(model, ["e2"]) == {}
+
+
+def test_synthetic_samples_stand_in_only_when_allowed(model):
+    ctx = PassContext(synthetic_calib=random_calibration(model, 2))
+    assert ctx.capture(model, ["e2"]) == {}
+    assert ctx.capture(model, ["e2"], allow_synthetic=True)["e2"].shape == (8, 64)
+    assert ctx.uses_synthetic and not PassContext(calib=random_calibration(model, 1)).uses_synthetic
