@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--eval-sentences", type=int, default=256)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console = Console()
+    console = Console(width=100)
 
     started = time.perf_counter()
     fp32_path = cached_minilm_onnx()
