@@ -57,6 +57,17 @@ class QuantizedWeight:
         return values.reshape(self.rows, -1)[:, : self.cols]
 
 
+def from_codes(
+    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, group_size: int, sym: bool
+) -> QuantizedWeight:
+    """Pack codes ``[rows, cols]`` chosen elsewhere (e.g. by GPTQ) with their group parameters."""
+    rows, cols = codes.shape
+    padded = np.zeros((rows, scales.shape[1] * group_size), np.uint8)
+    padded[:, :cols] = codes
+    return QuantizedWeight(pack_codes(padded, bits), scales, zero_points.astype(np.uint8), bits, group_size,
+                           cols, sym)
+
+
 def effective_group_size(cols: int, group_size: int) -> int:
     """``group_size`` as stored: 0 (per channel) becomes the next power of two >= cols."""
     if group_size == 0:

@@ -56,15 +56,46 @@ class PassContext:
         """Values of ``tensor_names`` on the calibration samples, as ``[rows, last_dim]``.
 
         With ``allow_synthetic``, the synthetic samples stand in for missing calibration
-        data (see :attr:`uses_synthetic`). At most ``max_capture_rows`` rows per tensor are kept (spread over all samples),
-        and tensors are captured a few at a time so that no more than
-        ``max_capture_bytes`` are held at once beyond what is returned.
+        data (see :attr:`uses_synthetic`). At most ``max_capture_rows`` rows per tensor
+        are kept (spread over all samples), and tensors are captured a few at a time so
+        that no more than ``max_capture_bytes`` are held at once beyond what is returned.
         """
+        captured: dict[str, np.ndarray] = {}
+        for chunk, parts in self._stream(model, tensor_names, allow_synthetic):
+            for name in chunk:
+                rows = np.concatenate(parts[name], axis=0)
+                if rows.shape[0] > self.max_capture_rows:
+                    keep = np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)
+                    rows = rows[keep]
+                captured[name] = rows.astype(np.float32, copy=False)
+        return captured
+
+    def gram(
+        self, model: Model, tensor_names: Iterable[str], *, allow_synthetic: bool = False
+    ) -> dict[str, tuple[np.ndarray, int]]:
+        """Per tensor, ``(X^T X, rows)`` over every calibration row (no row limit).
+
+        The Hessian of a linear layer's output error (GPTQ), and everything needed for
+        that layer's exact output error statistics; float64, ``[dim, dim]``.
+        """
+        grams: dict[str, tuple[np.ndarray, int]] = {}
+        for chunk, parts in self._stream(model, tensor_names, allow_synthetic):
+            for name in chunk:
+                total = sum(p.shape[0] for p in parts[name])
+                dim = parts[name][0].shape[1]
+                accumulated = np.zeros((dim, dim), np.float64)
+                for rows in parts[name]:
+                    rows64 = rows.astype(np.float64)
+                    accumulated += rows64.T @ rows64
+                grams[name] = (accumulated, total)
+        return grams
+
+    def _stream(self, model: Model, tensor_names: Iterable[str], allow_synthetic: bool):
+        """Yield ``(names, {name: [per-sample [rows, last_dim] arrays]})``, a few tensors at a time."""
         samples = self.calib or (self.synthetic_calib if allow_synthetic else None)
         if samples is None:
-            return {}
+            return
         names = list(dict.fromkeys(tensor_names))
-        captured: dict[str, np.ndarray] = {}
         for chunk in self._chunks(names, model, samples.n_samples):
             session = runtime.make_session(model, extra_outputs=chunk)
             collected: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
@@ -72,13 +103,7 @@ class PassContext:
                 for name, value in zip(chunk, session.run(chunk, feed), strict=True):
                     value = np.asarray(value)
                     collected[name].append(value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1))
-            for name, parts in collected.items():
-                rows = np.concatenate(parts, axis=0)
-                if rows.shape[0] > self.max_capture_rows:
-                    keep = np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)
-                    rows = rows[keep]
-                captured[name] = rows.astype(np.float32, copy=False)
-        return captured
+            yield chunk, collected
 
     @property
     def uses_synthetic(self) -> bool:

@@ -10,9 +10,12 @@ domain (see :mod:`qcompile.ir.qops`):
 * ``Gather(table, ids)``, axis 0, 2-D constant table     -> ``QGather`` (when ``embeddings``)
 
 Method ``rtn``: round to nearest with a per-group search of the clipping range that
-minimises the squared weight error (better than plain min/max at 2-4 bits). Lossy;
-stats report, per layer, the weight SQNR and, with calibration data, the SQNR and
-cosine of the layer's output on the captured inputs. A weight shared by several
+minimises the squared error, weighted by the inputs' energy per channel when activation
+statistics exist, then a least-squares refinement of each scale. Method ``gptq``
+(MatMul/Gemm; needs calibration data): the same group parameters, then GPTQ's
+column-by-column error feedback (:mod:`qcompile.passes.gptq`); Conv and embeddings use
+rtn. Lossy; stats report, per layer, the weight SQNR and the SQNR and cosine of the
+layer's output over every calibration row (computed exactly from ``X^T X``). A weight shared by several
 layers of the same kind is quantized once and shared.
 """
 
@@ -25,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompile.errors import UsageError
 from qcompile.ir import qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
@@ -32,6 +36,7 @@ from qcompile.ir.runtime import error_metrics
 
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
+from .gptq import gptq_quantize
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +52,28 @@ class Quant(Pass):
     group_size: int = option(32, "weights per scale along the reduction axis; 0 = one per channel",
                              choices=(0, 16, 32, 64, 128, 256))
     sym: bool = option(False, "symmetric: zero point fixed at 2^(bits-1)")
-    method: str = option("rtn", "rtn = round to nearest with a per-group range search", choices=("rtn",))
+    method: str = option("rtn", "rtn = round to nearest with a per-group range search; gptq = GPTQ error "
+                         "feedback on MatMul/Gemm (needs --calib)", choices=("rtn", "gptq"))
     clip_search: int = option(20, "candidate clipping ranges per group (0 = plain min/max)", min=0, max=200)
     act_aware: bool = option(True, "weight the range search by the inputs' energy per channel (minimises "
                              "layer-output error; synthetic inputs stand in when there is no --calib)")
+    damp: float = option(0.01, "gptq: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
+    act_order: bool = option(True, "gptq: quantize columns with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if self.method == "gptq" and ctx.calib is None:
+            raise UsageError("quant(method=gptq) needs calibration data: add --calib FILE")
         candidates, skipped = self._select(model)
-        inputs = ctx.capture(model, [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")],
-                             allow_synthetic=self.act_aware)
+        linear_inputs = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
+        grams = ctx.gram(model, linear_inputs, allow_synthetic=self.act_aware) if linear_inputs else {}
         ctx.progress.start(f"{self.name}: layers", len(candidates))
         shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
         layers = {}
         for node in candidates:
-            layers[node.name] = self._rewrite(model, node, shared, inputs.get(node.inputs[0].name))
+            layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
             ctx.progress.advance()
         if candidates:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -72,8 +82,8 @@ class Quant(Pass):
             "skipped": skipped,
             "quantized": len(layers),
             "weight_bytes": sum(w.nbytes for w, _ in shared.values()),
-            "activation_statistics": "synthetic" if ctx.uses_synthetic and inputs else
-                                     ("calibration" if inputs else "none"),
+            "activation_statistics": "synthetic" if ctx.uses_synthetic and grams else
+                                     ("calibration" if grams else "none"),
         }
         return PassResult(bool(candidates), stats)
 
@@ -117,14 +127,15 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
-    def _quantize(self, matrix: np.ndarray, layer_input: np.ndarray | None) -> QuantizedWeight:
-        importance = None
-        if self.act_aware and layer_input is not None and layer_input.shape[-1] == matrix.shape[1]:
-            importance = np.square(layer_input).mean(axis=0)
+    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None) -> QuantizedWeight:
+        if self.method == "gptq" and gram is not None:
+            return gptq_quantize(matrix, gram, bits=self.bits, group_size=self.group_size, sym=self.sym,
+                                 clip_search=self.clip_search, damp=self.damp, act_order=self.act_order)
+        importance = np.diag(gram) if self.act_aware and gram is not None else None
         return quantize_int(matrix, self.bits, self.group_size, sym=self.sym, clip_search=self.clip_search,
                             importance=importance)
 
-    def _rewrite(self, model: Model, node: gs.Node, shared: dict, layer_input: np.ndarray | None) -> dict:
+    def _rewrite(self, model: Model, node: gs.Node, shared: dict, gram_rows: tuple | None) -> dict:
         weight = _weight_of(node)
         assert weight is not None  # chosen by _select
         matrix = _as_rows(node, np.asarray(weight.values, np.float32))
@@ -133,8 +144,9 @@ class Quant(Pass):
         if alpha != 1.0:
             matrix = matrix * alpha
             key = (f"{weight.name}*{alpha}", key[1])
+        gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
         if key not in shared:
-            quantized = self._quantize(matrix, layer_input)
+            quantized = self._quantize(matrix, gram)
             prefix = weight.name if alpha == 1.0 else f"{weight.name}.alpha"
             shared[key] = (quantized, qops.weight_constants(prefix, quantized))
         quantized, constants = shared[key]
@@ -145,7 +157,7 @@ class Quant(Pass):
         model.graph.nodes[index : index + 1] = new_nodes
         for new in new_nodes:
             model.mark(new, self.name)
-        return _layer_stats(node.op, matrix, quantized, layer_input)
+        return _layer_stats(node.op, matrix, quantized, gram)
 
 
 def _weight_of(node: gs.Node) -> gs.Constant | None:
@@ -202,7 +214,7 @@ def _scaled_bias(node: gs.Node) -> gs.Tensor:
     return gs.Constant(f"{bias.name}.beta", (np.asarray(bias.values) * beta).astype(bias.dtype))
 
 
-def _layer_stats(op: str, matrix: np.ndarray, quantized: QuantizedWeight, layer_input) -> dict:
+def _layer_stats(op: str, matrix: np.ndarray, quantized: QuantizedWeight, gram: np.ndarray | None) -> dict:
     recon = quantized.dequantize()
     stats = {
         "op": op,
@@ -212,8 +224,19 @@ def _layer_stats(op: str, matrix: np.ndarray, quantized: QuantizedWeight, layer_
         "bytes": quantized.nbytes,
         "weight_sqnr_db": round(error_metrics(matrix, recon)["sqnr_db"], 2),
     }
-    if layer_input is not None and layer_input.shape[-1] == matrix.shape[1]:
-        metrics = error_metrics(layer_input @ matrix.T, layer_input @ recon.T)
-        stats["output_sqnr_db"] = round(metrics["sqnr_db"], 2)
-        stats["output_cosine"] = round(metrics["cosine"], 6)
+    if gram is not None:
+        stats.update(_output_error(matrix.astype(np.float64), recon.astype(np.float64), gram))
     return stats
+
+
+def _output_error(weight: np.ndarray, recon: np.ndarray, gram: np.ndarray) -> dict:
+    """SQNR and cosine of the layer output ``X W^T`` over all calibration rows, from ``X^T X``."""
+    weight_gram = weight @ gram
+    recon_gram = recon @ gram
+    signal = float((weight_gram * weight).sum())
+    cross = float((weight_gram * recon).sum())
+    recon_energy = float((recon_gram * recon).sum())
+    noise = max(signal - 2 * cross + recon_energy, 0.0)
+    cosine = cross / np.sqrt(max(signal * recon_energy, 1e-300))
+    sqnr = float("inf") if noise <= 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+    return {"output_sqnr_db": round(sqnr, 2), "output_cosine": round(cosine, 6)}
