@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
+    "fold": "qcompile.passes.fold:Fold",
     "quant": "qcompile.passes.quant:Quant",
 }
 

@@ -1,0 +1,263 @@
+"""``fold``: exact reparameterizations that make a model easier to quantize.
+
+* **BatchNorm folding**: ``BatchNormalization`` after a ``Conv`` (or ``Gemm``/``MatMul``
+  with a constant weight) whose output feeds nothing else is folded into that layer:
+  ``W' = W * gamma / sigma``, ``b' = (b - mean) * gamma / sigma + beta``.
+* **SmoothQuant** (Xiao et al., 2023): per input channel ``j`` of the linear layers
+  that read one ``LayerNormalization``, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``
+  (over all those consumers; clamped to >= 1e-5). ``1/s`` is folded into the
+  normalisation's gamma and beta and ``s`` into every consumer's weight rows, so the
+  activation outliers move into the weights. With ``shift`` (OutlierTune / SQ-b), the
+  channel centres ``z`` are first subtracted from beta and added back through every
+  consumer's bias (``b' = b + z W``). With ``pow2`` every scale is a power of two
+  (LLM-FP4's pre-shifted exponent bias), so a folded scale is a shift.
+  A producer whose output also feeds anything but foldable linear layers (a residual
+  connection, say) is left alone, and stats say why.
+
+Exact: outputs are unchanged up to float round-off (checked numerically in tests and
+with ``--verify``). Activation statistics come from calibration data, or synthetic
+samples when there is none.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile.ir.model import Model
+
+from .base import Pass, PassResult, option
+from .context import PassContext
+
+log = logging.getLogger(__name__)
+
+LINEAR_OPS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Fold(Pass):
+    """BatchNorm folding and SmoothQuant / OutlierTune scale migration (exact)."""
+
+    name: ClassVar[str] = "fold"
+    summary: ClassVar[str] = "exact: fold BatchNorm into Conv/Gemm; SmoothQuant scales into LayerNorm + consumers"
+    exact: ClassVar[bool] = True
+
+    batchnorm: bool = option(True, "fold BatchNormalization into the preceding Conv/Gemm/MatMul")
+    smooth: bool = option(True, "migrate activation outliers from LayerNormalization into its consumers")
+    alpha: float = option(0.5, "SmoothQuant migration strength (0 = none, 1 = all into the weights)",
+                          min=0.0, max=1.0)
+    shift: bool = option(False, "also centre each channel (OutlierTune), compensated in consumer biases")
+    pow2: bool = option(False, "round every scale to a power of two (a fold becomes a shift)")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        stats: dict = {"batchnorm": [], "smoothed": {}, "skipped": {}}
+        changed = False
+        if self.batchnorm:
+            changed |= self._fold_batchnorms(model, stats)
+        if self.smooth:
+            changed |= self._smooth(model, ctx, stats)
+        if changed:
+            model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(changed, stats)
+
+    # -- BatchNorm ---------------------------------------------------------------------
+
+    def _fold_batchnorms(self, model: Model, stats: dict) -> bool:
+        changed = False
+        for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
+            reason = _batchnorm_blocker(bn)
+            if reason:
+                stats["skipped"][bn.name] = reason
+                continue
+            layer = bn.inputs[0].inputs[0]
+            gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
+            factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            weight = layer.inputs[1]
+            values = np.asarray(weight.values, np.float64)
+            if layer.op == "Conv":
+                folded = values * factor.reshape(-1, *([1] * (values.ndim - 1)))
+            elif layer.op == "Gemm" and layer.attrs.get("transB", 0):
+                folded = values * factor[:, None]
+            else:
+                folded = values * factor[None, :]
+            old_bias = _bias_of(layer)
+            bias = ((old_bias if old_bias is not None else 0.0) - mean) * factor + beta
+            layer.inputs[1] = gs.Constant(f"{weight.name}.bn_folded", folded.astype(np.float32))
+            layer.outputs = [bn.outputs[0]]
+            bn.inputs.clear()
+            bn.outputs.clear()
+            _set_bias(model, layer, bias.astype(np.float32))
+            model.mark(layer, self.name)
+            stats["batchnorm"].append(f"{bn.name} -> {layer.name}")
+            changed = True
+        return changed
+
+    # -- SmoothQuant -------------------------------------------------------------------
+
+    def _smooth(self, model: Model, ctx: PassContext, stats: dict) -> bool:
+        producers = []
+        for norm in [n for n in model.graph.nodes if n.op == "LayerNormalization"]:
+            reason = _smooth_blocker(norm, model)
+            if reason:
+                stats["skipped"][norm.name] = reason
+            else:
+                producers.append(norm)
+        if not producers:
+            return False
+        outputs = [norm.outputs[0].name for norm in producers]
+        activations = ctx.capture(model, outputs, allow_synthetic=True)
+        for norm in producers:
+            rows = activations[norm.outputs[0].name]
+            self._smooth_one(model, norm, rows, stats)
+        stats["activation_statistics"] = "synthetic" if ctx.uses_synthetic else "calibration"
+        return True
+
+    def _smooth_one(self, model: Model, norm: gs.Node, rows: np.ndarray, stats: dict) -> None:
+        consumers = list(norm.outputs[0].outputs)
+        centre = np.zeros(rows.shape[1])
+        if self.shift:
+            centre = ((rows.max(axis=0) + rows.min(axis=0)) / 2).astype(np.float64)
+        act_max = np.abs(rows - centre).max(axis=0).astype(np.float64)
+        weight_max = np.max([np.abs(_input_rows(c)).max(axis=1) for c in consumers], axis=0)
+        scales = np.power(np.maximum(act_max, 1e-5), self.alpha) / np.power(np.maximum(weight_max, 1e-5),
+                                                                              1 - self.alpha)
+        scales = np.clip(scales, 1e-5, None)
+        if self.pow2:
+            scales = np.exp2(np.round(np.log2(scales)))
+        gamma, beta = norm.inputs[1], norm.inputs[2] if len(norm.inputs) > 2 else None
+        norm.inputs[1] = gs.Constant(f"{gamma.name}.smoothed",
+                                     (np.asarray(gamma.values, np.float64) / scales).astype(np.float32))
+        beta_values = np.asarray(beta.values, np.float64) if beta is not None else np.zeros(rows.shape[1])
+        new_beta = ((beta_values - centre) / scales).astype(np.float32)
+        if len(norm.inputs) > 2:
+            norm.inputs[2] = gs.Constant(f"{norm.name}.beta_smoothed", new_beta)
+        else:
+            norm.inputs.append(gs.Constant(f"{norm.name}.beta_smoothed", new_beta))
+        for consumer in consumers:
+            weight = _input_rows(consumer)
+            if self.shift:
+                old = _bias_of(consumer)
+                _set_bias(model, consumer, ((old if old is not None else 0.0) + centre @ weight).astype(np.float32))
+            _set_input_rows(consumer, weight * scales[:, None])
+            model.mark(consumer, self.name)
+        model.mark(norm, self.name)
+        stats["smoothed"][norm.name] = {
+            "consumers": [c.name for c in consumers],
+            "max_scale": float(scales.max()),
+            "min_scale": float(scales.min()),
+            "activation_absmax_before": float(act_max.max()),
+            "activation_absmax_after": float((act_max / scales).max()),
+        }
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant)
+
+
+def _batchnorm_blocker(bn: gs.Node) -> str | None:
+    if len(bn.inputs) < 5 or not all(_constant(t) for t in bn.inputs[1:5]):
+        return "BatchNormalization parameters are not constants"
+    if len(bn.outputs) > 1 and any(t.outputs for t in bn.outputs[1:]):
+        return "training-mode BatchNormalization"
+    producers = bn.inputs[0].inputs
+    if len(producers) != 1:
+        return "input is not produced by a layer"
+    layer = producers[0]
+    if layer.op not in ("Conv", *LINEAR_OPS) or len(layer.inputs) < 2 or not _constant(layer.inputs[1]):
+        return f"preceded by {layer.op}, not a Conv/Gemm/MatMul with a constant weight"
+    if len(bn.inputs[0].outputs) != 1:
+        return "the layer's output also feeds other nodes"
+    if layer.op == "Gemm" and (layer.attrs.get("transA", 0) or float(layer.attrs.get("beta", 1.0)) != 1.0):
+        return "Gemm with transA or beta != 1"
+    if layer.op == "MatMul" and len(layer.inputs[1].shape) != 2:
+        return "MatMul with a batched weight"
+    return None
+
+
+def _smooth_blocker(norm: gs.Node, model: Model) -> str | None:
+    if len(norm.inputs) < 2 or not _constant(norm.inputs[1]):
+        return "gamma is not a constant"
+    if len(norm.inputs) > 2 and not _constant(norm.inputs[2]):
+        return "beta is not a constant"
+    if norm.attrs.get("axis", -1) not in (-1, len(norm.inputs[0].shape or [0]) - 1):
+        return "normalises over more than the last axis"
+    if model.provenance.get(norm.name) == "fold":
+        return "already smoothed by an earlier fold"
+    output = norm.outputs[0]
+    if output in model.graph.outputs:
+        return "its output is a model output"
+    consumers = list(output.outputs)
+    if not consumers:
+        return "no consumers"
+    for consumer in consumers:
+        if consumer.op not in LINEAR_OPS or consumer.inputs[0] is not output:
+            return f"its output also feeds {consumer.op} {consumer.name!r} (e.g. a residual): not foldable"
+        if not _constant(consumer.inputs[1]) or len(consumer.inputs[1].shape) != 2:
+            return f"consumer {consumer.name!r} has no constant 2-D weight"
+        if consumer.op == "Gemm" and (consumer.attrs.get("transA", 0) or float(consumer.attrs.get("alpha", 1.0)) != 1.0):
+            return f"consumer {consumer.name!r} is a Gemm with transA or alpha != 1"
+    return None
+
+
+def _input_rows(layer: gs.Node) -> np.ndarray:
+    """The weight as ``[in_features, out_features]`` (row j multiplies input channel j)."""
+    values = np.asarray(layer.inputs[1].values, np.float64)
+    return values.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else values
+
+
+def _set_input_rows(layer: gs.Node, rows: np.ndarray) -> None:
+    values = rows.T if layer.op == "Gemm" and layer.attrs.get("transB", 0) else rows
+    layer.inputs[1] = gs.Constant(f"{layer.inputs[1].name}.smoothed", values.astype(np.float32))
+
+
+def _bias_of(layer: gs.Node) -> np.ndarray | None:
+    """A layer's constant bias: Conv/Gemm input 2, or the constant of the Add after a MatMul."""
+    if layer.op in ("Conv", "Gemm"):
+        if len(layer.inputs) > 2 and _constant(layer.inputs[2]):
+            return np.asarray(layer.inputs[2].values, np.float64).reshape(-1)
+        return None
+    found = _bias_add(layer)
+    return None if found is None else np.asarray(found[1].values, np.float64)
+
+
+def _set_bias(model: Model, layer: gs.Node, bias: np.ndarray) -> None:
+    if layer.op in ("Conv", "Gemm"):
+        constant = gs.Constant(f"{layer.name}.bias_folded", bias)
+        if len(layer.inputs) > 2:
+            layer.inputs[2] = constant
+        else:
+            layer.inputs.append(constant)
+        return
+    found = _bias_add(layer)
+    if found is not None:
+        add, constant = found
+        add.inputs[add.inputs.index(constant)] = gs.Constant(f"{layer.name}.bias_folded", bias)
+        return
+    output = layer.outputs[0]
+    hidden = gs.Variable(f"{output.name}/unbiased", output.dtype, output.shape)
+    layer.outputs = [hidden]
+    bias_node = gs.Node("Add", f"{layer.name}/bias", inputs=[hidden, gs.Constant(f"{layer.name}.bias", bias)],
+                        outputs=[output])
+    model.graph.nodes.append(bias_node)
+    model.mark(bias_node, "fold")
+
+
+def _bias_add(layer: gs.Node) -> tuple[gs.Node, gs.Constant] | None:
+    """The ``Add`` of a constant 1-D bias that alone consumes ``layer``'s output, and that bias."""
+    output = layer.outputs[0]
+    if len(output.outputs) != 1:
+        return None
+    add = output.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    constant = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+    if constant is None or np.asarray(constant.values).ndim != 1:
+        return None
+    return add, constant
