@@ -4,7 +4,8 @@ Before anything runs: every pass's requirements (calibration data, passes that m
 come before it). After each pass: structural :func:`verify`; for passes declared
 exact and ``verify_exact`` on, the outputs on the evaluation samples must match the
 model before the pass; for every pass that changed the model, the output error
-against the FP32 input model is measured and recorded.
+against the FP32 input model is measured and recorded. An ``after_pass`` callback
+sees the model and its record after each pass (``--dump-dir`` writes them out).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from .calibration import CalibrationSet
 from .context import PassContext
 
 log = logging.getLogger(__name__)
+
+AfterPass = Callable[[int, Pass, Model, "PassRecord"], None]
+"""``after_pass(index, pass, model, record)``: the model as the pass left it (verified,
+not to be modified; it keeps changing in later passes, so copy what must be kept)."""
 
 EXACT_RTOL = 1e-4
 EXACT_ATOL = 1e-5
@@ -76,8 +81,12 @@ class PassManager:
         self.final_outputs: dict[str, np.ndarray] | None = None  # after the last pass
 
     def run(self, model: Model, ctx: PassContext,
-            on_pass: Callable[[int, Pass], None] | None = None) -> tuple[Model, list[PassRecord]]:
-        """Run every pass on (a copy of) ``model``; return the result and one record per pass."""
+            on_pass: Callable[[int, Pass], None] | None = None,
+            after_pass: AfterPass | None = None) -> tuple[Model, list[PassRecord]]:
+        """Run every pass on (a copy of) ``model``; return the result and one record per pass.
+
+        ``on_pass(index, pass)`` is called before each pass, ``after_pass`` after it.
+        """
         check_requirements(self.pipeline, ctx)
         reference = self._outputs(model)
         previous = reference
@@ -101,6 +110,8 @@ class PassManager:
                     self._check_exact(pass_, previous, outputs)
                 previous = outputs
             records.append(record)
+            if after_pass:
+                after_pass(index, pass_, current, record)
             log.info("pass %s: changed=%s in %.2fs", pass_, result.changed, seconds)
         self.reference_outputs, self.final_outputs = reference, previous
         return current, records
