@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +24,10 @@ from qcompile.passes.context import PassContext, Progress
 from qcompile.passes.manager import PassManager, PassRecord
 from qcompile.passes.registry import parse_pipeline
 
+from .dump import Dumper
+from .inspection import float_layers, float_weight, size_breakdown, skipped_layers
+from .report import write_report
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ort", "auto")
@@ -39,6 +44,10 @@ class CompileResult:
 
     def load(self) -> artifact_io.Artifact:
         return artifact_io.load(self.path)
+
+    def explain(self) -> list[dict[str, str]]:
+        """Every layer a pass left alone: ``{"pass", "layer", "reason"}`` (``--explain``)."""
+        return skipped_layers(self.manifest["passes"])
 
 
 def default_output(source: Any) -> Path:
@@ -64,6 +73,8 @@ def compile(
     example_inputs: Any = None,
     progress: Progress | None = None,
     on_pass=None,
+    dump_dir: str | Path | None = None,
+    report: str | Path | None = None,
 ) -> CompileResult:
     """Compile ``model`` through ``passes`` and emit an artifact folder.
 
@@ -72,6 +83,10 @@ def compile(
     folder of ``.npy``, ``random:N``, or a dict of arrays. Without calibration data
     the output error is measured on synthetic inputs. The output folder appears
     only when everything succeeded.
+
+    ``dump_dir``: write the model after canonicalization and after every pass there,
+    with each pass's record and structural diff (see :mod:`qcompile.dump`).
+    ``report``: write a self-contained HTML report there (see :mod:`qcompile.report`).
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -92,7 +107,11 @@ def compile(
     ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress(),
                       synthetic_calib=None if calibration is not None else random_calibration(canonical, 8, seed=seed))
     manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples)
-    compiled, records = manager.run(canonical, ctx, on_pass=on_pass)
+    dumper = Dumper(dump_dir) if dump_dir is not None else None
+    if dumper is not None:
+        dumper.input(canonical)
+    compiled, records = manager.run(canonical, ctx, on_pass=on_pass,
+                                    after_pass=dumper.after_pass if dumper is not None else None)
 
     with io.atomic_directory(output) as staging:
         backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
@@ -103,14 +122,26 @@ def compile(
             "synthetic": eval_samples.synthetic,
             **backend_error,
         }
+        manifest["sizes"]["breakdown"] = {"before": size_breakdown(canonical), "after": size_breakdown(compiled)}
+        manifest["float_layers"] = float_layers(compiled)
+        manifest["layer_order"] = [node.name for node in compiled.graph.nodes
+                                   if qops.is_quantized(node) or float_weight(node) is not None]
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         artifact_io.write_manifest(staging, manifest)
+        if report is not None:
+            written = json.loads((staging / artifact_io.MANIFEST).read_text())  # what `qcompile report` reads
+            write_report(written, report, title=_title(model))
     return CompileResult(output, manifest, records)
 
 
 def load(folder: str | Path, **kwargs) -> artifact_io.Artifact:
     """Open an artifact folder; ``.run(feeds)`` executes it."""
     return artifact_io.load(folder, **kwargs)
+
+
+def _title(source: Any) -> str:
+    text = str(source) if not hasattr(source, "graph") else "in-memory model"
+    return f"qcompile report: {Path(text).name if os.sep in text else text}"
 
 
 def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: CalibrationSet) -> dict:

@@ -3,6 +3,9 @@
     qcompile MODEL [--passes SPEC] [--target cpu|cuda|edge] [-o OUT] [--calib SRC] ...
     qcompile passes [--json]
     qcompile run ARTIFACT --inputs x.npz [--output y.npz] [--json]
+    qcompile diff BEFORE.onnx AFTER.onnx [--calib SRC] [--json]
+    qcompile inspect MODEL.onnx [--json]
+    qcompile report ARTIFACT [-o report.html]
 
 Exit codes: 0 success, 2 bad usage or bad input, 1 compilation failed. Every error
 is one line on stderr; ``-v`` adds the traceback of unexpected failures.
@@ -14,10 +17,12 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +34,9 @@ from rich.table import Table
 
 from qcompile.errors import QCompileError, UsageError
 
-SUBCOMMANDS = ("passes", "run")
+SUBCOMMANDS = ("passes", "run", "diff", "inspect", "report")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+WIDE_OUTPUT = 200  # columns for diff / inspect tables when stdout is not a terminal
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -44,7 +50,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="qcompile",
         description="Compile a model through compression passes into a deployable artifact. "
-        "Other commands: `qcompile passes`, `qcompile run`.",
+        "Other commands: `qcompile passes`, `qcompile run`, `qcompile diff`, `qcompile inspect`, "
+        "`qcompile report` (each with --help).",
     )
     parser.add_argument("model", help="ONNX file, or hf:FOLDER for a Hugging Face model folder")
     parser.add_argument("--passes", default="quant", help='ordered passes, e.g. "quant(bits=4,group_size=32)"')
@@ -57,6 +64,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ort-accuracy-level", type=int, default=4, choices=range(5),
                         help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU)")
+    parser.add_argument("--dump-dir", metavar="DIR",
+                        help="write the model after canonicalization and after every pass (NN-pass.onnx/.json)")
+    parser.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
+    parser.add_argument("--explain", action="store_true", help="after the summary, why each skipped layer was skipped")
     _common(parser)
     return parser
 
@@ -78,6 +89,33 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact", help="artifact folder written by qcompile")
     parser.add_argument("--inputs", required=True, help=".npz with one array per model input")
     parser.add_argument("--output", help="write the outputs to this .npz")
+    _common(parser)
+    return parser
+
+
+def _diff_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile diff", description="Structural and numerical diff of two ONNX models.")
+    parser.add_argument("before", help="ONNX file (e.g. the input, or a --dump-dir model)")
+    parser.add_argument("after", help="ONNX file")
+    parser.add_argument("--calib", help="samples.npz, a folder of .npy, or random:N: adds the numerical diff")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=40, help="rows per table in the terminal (default 40)")
+    _common(parser)
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile inspect", description="Per-layer table of an ONNX model.")
+    parser.add_argument("model", help="ONNX file: a plain model, or one with qcompile quantized layers")
+    _common(parser)
+    return parser
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile report",
+                             description="HTML report of an artifact folder, from its manifest.json.")
+    parser.add_argument("artifact", help="artifact folder written by qcompile")
+    parser.add_argument("-o", "--output", help="HTML file (default: ARTIFACT/report.html)")
     _common(parser)
     return parser
 
@@ -127,15 +165,24 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             accuracy_level=args.ort_accuracy_level,
             progress=_RichProgress(progress),
             on_pass=lambda i, p: show and console.print(f"pass {i + 1}: [bold]{escape(str(p))}[/]"),
+            dump_dir=args.dump_dir,
+            report=args.report,
         )
     if args.json:
-        print(json.dumps({"output": str(result.path), "manifest": result.manifest}, default=str))
+        report: dict[str, Any] = {"output": str(result.path), "manifest": result.manifest}
+        if args.explain:
+            report["skipped"] = result.explain()
+        print(json.dumps(report, default=str))
     elif show:
-        _print_summary(out, result)
+        _print_summary(out, result, dump_dir=args.dump_dir, report=args.report)
+        if args.explain:
+            from qcompile import views
+
+            out.print(views.skipped_table(result.explain()))
     return EXIT_OK
 
 
-def _print_summary(console: Console, result) -> None:
+def _print_summary(console: Console, result, *, dump_dir: str | None = None, report: str | None = None) -> None:
     manifest = result.manifest
     table = Table(title="passes", title_justify="left")
     for column in ("pass", "kind", "layers changed", "time (s)", "output cosine vs FP32"):
@@ -162,6 +209,10 @@ def _print_summary(console: Console, result) -> None:
     kernels = Counter(layer["kernel"].split(" (")[0] for layer in manifest["layers"].values())
     summary.add_row("kernels", ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items())) or "-")
     summary.add_row("written to", str(result.path))
+    if dump_dir:
+        summary.add_row("models after each pass", str(dump_dir))
+    if report:
+        summary.add_row("report", str(report))
     console.print(summary)
 
 
@@ -240,6 +291,73 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace, console: Console) -> int:
+    from qcompile import views
+    from qcompile.diff import numerical_diff, structural_diff
+    from qcompile.ir import io
+    from qcompile.passes.calibration import load_calibration
+
+    console = _wide(console)
+    before, after = io.load(args.before), io.load(args.after)
+    result: dict[str, Any] = {"before": args.before, "after": args.after,
+                              "structural": structural_diff(before, after)}
+    if args.calib:
+        samples = load_calibration(args.calib, before, seed=args.seed)
+        result["numerical"] = numerical_diff(before, after, samples)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return EXIT_OK
+    console.print(views.structural(result["structural"], args.limit))
+    if "numerical" in result:
+        console.print(views.numerical(result["numerical"], args.limit))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    from qcompile import views
+    from qcompile.inspection import layer_table
+    from qcompile.ir import io
+
+    console = _wide(console)
+    table = layer_table(io.load(args.model))
+    if args.json:
+        print(json.dumps(table, default=str))
+    else:
+        console.print(views.layer_table(table, title=str(args.model)))
+    return EXIT_OK
+
+
+def _wide(console: Console) -> Console:
+    """Wide tables stay whole when piped to a file or a tool (COLUMNS still wins)."""
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=WIDE_OUTPUT, quiet=console.quiet)
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from qcompile.backends.artifact import MANIFEST
+    from qcompile.errors import ModelLoadError
+    from qcompile.report import write_report
+
+    folder = Path(args.artifact)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelLoadError(f"{folder}: not a qcompile artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("passes"), list):
+            raise ValueError("no passes")
+    except ValueError as exc:
+        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({str(exc).splitlines()[0]})") from None
+    name = Path(str(manifest.get("input", {}).get("description", folder.name))).name
+    path = write_report(manifest, args.output or folder / "report.html", title=f"qcompile report: {name}")
+    if args.json:
+        print(json.dumps({"report": str(path)}))
+    else:
+        console.print(f"report written to {path}")
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------
@@ -257,9 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            parser = {"passes": _passes_parser, "run": _run_parser}[argv[0]]()
+            parser = {"passes": _passes_parser, "run": _run_parser, "diff": _diff_parser,
+                      "inspect": _inspect_parser, "report": _report_parser}[argv[0]]()
             args = parser.parse_args(argv[1:])
-            command = {"passes": cmd_passes, "run": cmd_run}[argv[0]]
+            command: Callable[[argparse.Namespace, Console], int] = {"passes": cmd_passes, "run": cmd_run, "diff": cmd_diff, "inspect": cmd_inspect,
+                       "report": cmd_report}[argv[0]]
         else:
             args = _compile_parser().parse_args(argv)
             command = cmd_compile
