@@ -5,7 +5,9 @@ that rebuilds a node usually keeps the value it produces; a model whose nodes ha
 no names still matches its canonical form). A matched node whose op type or domain
 changed is *replaced*; one whose inputs or outputs changed is *rewired*. Changes
 are grouped by layer: a node whose name extends another changed node's name
-(``fc3/bias`` beside ``fc3``) belongs to that layer.
+(``fc3/bias`` beside ``fc3``) belongs to that layer. An initializer that a matched
+node now reads in place of another one of the same shape (``wq`` -> ``wq.smoothed``)
+is reported as *replaced*, with the error between the two.
 
 The numerical diff runs both models in ONNX Runtime on the same samples and compares
 every model output and every intermediate float tensor that has the same name in
@@ -55,7 +57,7 @@ def structural_diff(before: Model, after: Model) -> dict[str, Any]:
     for change in changes:
         layer_rank[change["layer"]] = min(layer_rank.get(change["layer"], 9), rank[change["change"]])
     changes.sort(key=lambda c: (layer_rank[c["layer"]], c["layer"], rank[c["change"]], c["node"]))
-    initializers = _initializer_changes(before, after)
+    initializers = _initializer_changes(before, after, pairs)
     return {
         "nodes": changes,
         "by_op": dict(sorted(Counter(_op_transition(c) for c in changes).items())),
@@ -159,10 +161,17 @@ def _initializers(model: Model) -> dict[str, gs.Constant]:
     return {name: t for name, t in model.tensors().items() if isinstance(t, gs.Constant)}
 
 
-def _initializer_changes(before: Model, after: Model) -> list[dict[str, Any]]:
+def _initializer_changes(before: Model, after: Model, pairs) -> list[dict[str, Any]]:
     old, new = _initializers(before), _initializers(after)
     changes = []
-    for name in sorted(old.keys() | new.keys()):
+    renamed = _renamed_initializers(old, new, pairs)
+    for old_name, new_name in renamed.items():
+        entry = {"name": new_name, "change": "replaced", "was": old_name, **_describe(new[new_name]),
+                 "before": _describe(old[old_name])}
+        entry["error"] = _rounded(runtime.error_metrics(old[old_name].values, new[new_name].values))
+        changes.append(entry)
+    paired = set(renamed) | set(renamed.values())
+    for name in sorted((old.keys() | new.keys()) - paired):
         if name not in new:
             changes.append({"name": name, "change": "removed", **_describe(old[name])})
         elif name not in old:
@@ -176,6 +185,24 @@ def _initializer_changes(before: Model, after: Model) -> list[dict[str, Any]]:
                 entry["error"] = _rounded(runtime.error_metrics(a, b))
             changes.append(entry)
     return sorted(changes, key=lambda c: (-c["bytes"], c["name"]))
+
+
+def _renamed_initializers(old: dict[str, gs.Constant], new: dict[str, gs.Constant], pairs) -> dict[str, str]:
+    """Initializers a pass replaced by new ones of the same shape (float -> float), found
+    at the same input position of matched nodes: ``{old name: new name}``."""
+    renamed: dict[str, str] = {}
+    taken: set[str] = set()
+    for old_node, new_node in pairs:
+        for a, b in zip(old_node.inputs, new_node.inputs, strict=False):
+            if a.name == b.name or a.name not in old or b.name not in new or a.name in new or b.name in old:
+                continue
+            if a.name in renamed or b.name in taken:
+                continue
+            va, vb = np.asarray(old[a.name].values), np.asarray(new[b.name].values)
+            if va.shape == vb.shape and va.dtype.kind == "f" and vb.dtype.kind == "f":
+                renamed[a.name] = b.name
+                taken.add(b.name)
+    return renamed
 
 
 def _describe(tensor: gs.Constant) -> dict[str, Any]:

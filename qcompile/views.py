@@ -128,7 +128,7 @@ def _initializer_table(initializers: list[dict[str, Any]], limit: int) -> Table:
         stats = item.get("stats", {})
         error = item.get("error")
         shape, dtype, size = _shape(item["shape"]), item["dtype"], _size(item["bytes"])
-        if item["change"] == "changed":
+        if item["change"] in ("changed", "replaced"):
             before = item["before"]
             if before["shape"] != item["shape"]:
                 shape = f"{_shape(before['shape'])} -> {shape}"
@@ -136,8 +136,9 @@ def _initializer_table(initializers: list[dict[str, Any]], limit: int) -> Table:
                 dtype = f"{before['dtype']} -> {dtype}"
             if before["bytes"] != item["bytes"]:
                 size = f"{_size(before['bytes'])} -> {size}"
+        name = f"{item['was']} -> {item['name']}" if "was" in item else item["name"]
         table.add_row(
-            item["name"], item["change"], shape, dtype, size,
+            name, item["change"], shape, dtype, size,
             f"{_number(stats.get('min'), '.4g')} / {_number(stats.get('max'), '.4g')}" if stats else "-",
             f"{_number(stats.get('mean'), '.4g')} / {_number(stats.get('std'), '.4g')}" if stats else "-",
             f"SQNR {_number(error['sqnr_db'], '.1f')} dB, max abs {_number(error['max_abs'], '.3g')}"

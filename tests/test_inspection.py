@@ -288,3 +288,41 @@ def test_cli_inspection_errors_are_one_line_exit_2(tmp_path, mlp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
     assert not (tmp_path / "never").exists()
+
+
+def _layernorm_model() -> onnx.ModelProto:
+    """LayerNormalization feeding two MatMuls: what fold's SmoothQuant migration rewrites."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        ((1 + rng.standard_normal(64) * 0.5).astype(f), "gamma"), (rng.standard_normal(64).astype(f), "beta"),
+        ((rng.standard_normal((64, 64)) / 8).astype(f), "wq"), ((rng.standard_normal((64, 32)) / 8).astype(f), "wk"))]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "wq"], ["q"], name="query"),
+             helper.make_node("MatMul", ["n", "wk"], ["k"], name="key")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                      [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["n", 64]),
+                       helper.make_tensor_value_info("k", TensorProto.FLOAT, ["n", 32])], inits)
+
+
+def test_dump_of_an_exact_then_a_lossy_pass(tmp_path):
+    source = tmp_path / "ln.onnx"
+    onnx.save(_layernorm_model(), source)
+    dump = tmp_path / "dump"
+    qcompile.compile(source, passes="fold,quant(bits=8)", output=tmp_path / "out", dump_dir=dump)
+    names = sorted(p.name for p in dump.glob("*.onnx"))
+    assert names == ["00-input.onnx", "01-fold.onnx", "02-quant.onnx"]
+    fold = json.loads((dump / "01-fold.json").read_text())
+    assert fold["record"]["exact"] and fold["record"]["changed"]
+    replaced = {i["was"]: i for i in fold["diff"]["initializers"] if i["change"] == "replaced"}
+    assert sorted(replaced) == ["beta", "gamma", "wk", "wq"]  # rescaled copies under new names
+    assert replaced["wq"]["shape"] == replaced["wq"]["before"]["shape"] == [64, 64]
+    assert {"cosine", "sqnr_db", "max_abs"} <= set(replaced["wq"]["error"])
+    assert json.loads((dump / "02-quant.json").read_text())["diff"]["by_op"] == {"MatMul -> QMatMul": 2}
+
+    before, after = io.load(dump / "00-input.onnx"), io.load(dump / "01-fold.onnx")
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)}
+    numbers = numerical_diff(before, after, CalibrationSet(feeds, "test"))
+    assert [row["tensor"] for row in numbers["outputs"]] in (["q", "k"], ["k", "q"])
+    for row in numbers["outputs"]:
+        assert row["sqnr_db"] > 90 and row["max_abs"] < 1e-4  # exact up to float round-off
