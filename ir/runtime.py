@@ -14,6 +14,11 @@ import onnxruntime as ort
 from .model import Model
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Graph rewrites that change numerics. ONNX Runtime's MatMulAddFusion, in a model that
+# holds QuantizeLinear/DequantizeLinear, re-quantizes the (constant-folded) float weight
+# of MatMul+Add per tensor to int8 to keep the graph "quantized": the reference
+# semantics of the IR would silently change. Reference sessions never run it.
+SEMANTICS_CHANGING_OPTIMIZERS = ("MatMulAddFusion",)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -31,7 +36,7 @@ def make_session(
 ) -> ort.InferenceSession:
     """A CPU session for ``model`` (a model over 2 GB goes through a temporary file)."""
     if isinstance(model, (str, os.PathLike)) and not extra_outputs:
-        return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+        return _session(str(model), session_options(threads))
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(str(model))
     proto = model.to_proto() if isinstance(model, Model) else model
@@ -40,11 +45,16 @@ def make_session(
         proto = _with_outputs(proto, extra)
     options = session_options(threads)
     if proto.ByteSize() < PROTOBUF_LIMIT:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _session(proto.SerializeToString(), options)
     with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return _session(str(path), options)
+
+
+def _session(model: str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(SEMANTICS_CHANGING_OPTIMIZERS))
 
 
 def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

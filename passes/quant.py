@@ -34,6 +34,7 @@ from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
 from qcompile.ir.runtime import error_metrics
 
+from .actquant import activation_range, insert_qdq
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
 from .gptq import gptq_quantize
@@ -49,9 +50,13 @@ class Quant(Pass):
     summary: ClassVar[str] = "weight-only uniform quantization (int format), embeddings included"
 
     bits: int = option(4, "bits per weight", min=2, max=8)
-    group_size: int = option(32, "weights per scale along the reduction axis; 0 = one per channel",
-                             choices=(0, 16, 32, 64, 128, 256))
-    sym: bool = option(False, "symmetric: zero point fixed at 2^(bits-1)")
+    group_size: int = option(-1, "weights per scale along the reduction axis; 0 = one per channel; -1 = auto "
+                             "(per channel for W8A8, which integer kernels need; else 32)",
+                             choices=(-1, 0, 16, 32, 64, 128, 256))
+    sym: str = option("auto", "symmetric weights (zero point fixed at 2^(bits-1)); auto = true for W8A8, else "
+                      "false", choices=("auto", "true", "false"))
+    act_bits: int = option(0, "static activation quantization of every quantized layer's input "
+                           "(QDQ, per tensor, ranges from --calib); 0 = weight-only", choices=(0, 4, 6, 8))
     method: str = option("rtn", "rtn = round to nearest with a per-group range search; gptq = GPTQ error "
                          "feedback on MatMul/Gemm (needs --calib)", choices=("rtn", "gptq"))
     clip_search: int = option(20, "candidate clipping ranges per group (0 = plain min/max)", min=0, max=200)
@@ -63,18 +68,37 @@ class Quant(Pass):
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
 
+    @property
+    def integer_kernels(self) -> bool:
+        """W8A8: the configuration integer GEMM kernels run directly."""
+        return self.bits == 8 and self.act_bits == 8
+
+    @property
+    def effective_group_size(self) -> int:
+        if self.group_size >= 0:
+            return self.group_size
+        return 0 if self.integer_kernels else 32
+
+    @property
+    def symmetric(self) -> bool:
+        return self.sym == "true" or (self.sym == "auto" and self.integer_kernels)
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if self.method == "gptq" and ctx.calib is None:
-            raise UsageError("quant(method=gptq) needs calibration data: add --calib FILE")
+        for needed, what in ((self.method == "gptq", "quant(method=gptq)"), (self.act_bits > 0, "quant(act_bits)")):
+            if needed and ctx.calib is None:
+                raise UsageError(f"{what} needs calibration data: add --calib FILE")
         candidates, skipped = self._select(model)
         linear_inputs = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
         grams = ctx.gram(model, linear_inputs, allow_synthetic=self.act_aware) if linear_inputs else {}
+        act_inputs = [n.inputs[0].name for n in candidates if n.op != "Gather"] if self.act_bits else []
+        activations = ctx.capture(model, act_inputs) if act_inputs else {}
         ctx.progress.start(f"{self.name}: layers", len(candidates))
         shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
         layers = {}
         for node in candidates:
             layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
             ctx.progress.advance()
+        activation_quantizers = self._quantize_activations(model, candidates, activations)
         if candidates:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {
@@ -84,8 +108,26 @@ class Quant(Pass):
             "weight_bytes": sum(w.nbytes for w, _ in shared.values()),
             "activation_statistics": "synthetic" if ctx.uses_synthetic and grams else
                                      ("calibration" if grams else "none"),
+            "activation_quantizers": activation_quantizers,
         }
         return PassResult(bool(candidates), stats)
+
+    def _quantize_activations(self, model: Model, rewritten: list[gs.Node], activations: dict) -> dict:
+        """One QDQ pair per distinct input of the layers just quantized (Q/K/V share theirs)."""
+        names = {node.name for node in rewritten}
+        quantizers = {}
+        tensors = model.tensors()
+        for tensor_name, rows in activations.items():
+            tensor = tensors[tensor_name]
+            consumers = [n for n in tensor.outputs if n.name in names and qops.is_quantized(n)
+                         and n.op != "QGather"]
+            if not consumers:
+                continue
+            scale, zero_point = activation_range(rows, self.act_bits)
+            insert_qdq(model, tensor, consumers, scale, zero_point, self.act_bits, self.name)
+            quantizers[tensor_name] = {"bits": self.act_bits, "scale": scale, "zero_point": zero_point,
+                                       "layers": [n.name for n in consumers]}
+        return quantizers
 
     # -- selection ---------------------------------------------------------------------
 
@@ -129,10 +171,12 @@ class Quant(Pass):
 
     def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None) -> QuantizedWeight:
         if self.method == "gptq" and gram is not None:
-            return gptq_quantize(matrix, gram, bits=self.bits, group_size=self.group_size, sym=self.sym,
+            return gptq_quantize(matrix, gram, bits=self.bits, group_size=self.effective_group_size,
+                                 sym=self.symmetric,
                                  clip_search=self.clip_search, damp=self.damp, act_order=self.act_order)
         importance = np.diag(gram) if self.act_aware and gram is not None else None
-        return quantize_int(matrix, self.bits, self.group_size, sym=self.sym, clip_search=self.clip_search,
+        return quantize_int(matrix, self.bits, self.effective_group_size, sym=self.symmetric,
+                            clip_search=self.clip_search,
                             importance=importance)
 
     def _rewrite(self, model: Model, node: gs.Node, shared: dict, gram_rows: tuple | None) -> dict:
