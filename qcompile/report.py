@@ -193,7 +193,7 @@ def _plot_layers(layers: list[dict[str, Any]]) -> str | None:
     bits_axis.set_xlim(0, max_bits + 1)
     bits_axis.set_title("bits per weight", fontsize=10)
     bits_axis.set_yticks(positions, [row["label"] for row in layers], fontsize=7)
-    bits_axis.invert_yaxis()
+    bits_axis.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top, no empty margins
     for axis, key, title, colour in ((axes[1], "weight_sqnr_db", "weight SQNR (dB)", "#4c78a8"),
                                      (axes[2], "output_sqnr_db", "layer output SQNR (dB)", "#e45756")):
         values = [row.get(key) for row in layers]

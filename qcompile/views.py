@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -42,6 +43,20 @@ def _shape(shape: list | None) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
 
 
+def _table(title: str) -> Table:
+    """A compact table: no outer frame, one space between columns, a rule under the header."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                 collapse_padding=True)
+
+
+def _count(value: int) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return str(value)
+
+
 def _more(table: Table, shown: int, total: int) -> None:
     if total > shown:
         table.caption = f"{total - shown} more not shown (--limit, or --json for everything)"
@@ -63,7 +78,7 @@ def structural(diff: dict[str, Any], limit: int) -> RenderableType:
             if names:
                 parts.append(Text(f"{key.replace('_', ' ')} {change}: {', '.join(names)}"))
     if diff["by_op"]:
-        table = Table(title="node changes by op type", title_justify="left")
+        table = _table("node changes by op type")
         table.add_column("change")
         table.add_column("nodes", justify="right")
         for transition, count in diff["by_op"].items():
@@ -79,7 +94,7 @@ def structural(diff: dict[str, Any], limit: int) -> RenderableType:
 
 
 def _node_table(nodes: list[dict[str, Any]], limit: int) -> Table:
-    table = Table(title="node changes by layer", title_justify="left")
+    table = _table("node changes by layer")
     for column in ("layer", "node", "change", "op", "detail"):
         table.add_column(column, overflow="fold")
     for change in nodes[:limit]:
@@ -93,7 +108,7 @@ def _node_table(nodes: list[dict[str, Any]], limit: int) -> Table:
             gone = [n for n in before if n not in after]
             new = [n for n in after if n not in before]
             detail = "; ".join(filter(None, [f"inputs - {', '.join(gone)}" if gone else "",
-                                              f"+ {', '.join(new)}" if new else ""]))
+                                              f"+ {', '.join(_compact(gone, new))}" if new else ""]))
         if "attributes" in change and not detail:
             before, after = change["attributes"]["before"], change["attributes"]["after"]
             keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -103,8 +118,19 @@ def _node_table(nodes: list[dict[str, Any]], limit: int) -> Table:
     return table
 
 
+def _compact(gone: list[str], new: list[str]) -> list[str]:
+    """``w.qweight, w.scales, w.zero_points`` -> ``w.{qweight,scales,zero_points}`` when ``w`` is gone."""
+    result, used = [], set()
+    for old in gone:
+        derived = [n for n in new if n.startswith(old + ".") and n not in used]
+        if len(derived) > 1:
+            result.append(f"{old}.{{{','.join(n[len(old) + 1:] for n in derived)}}}")
+            used.update(derived)
+    return result + [n for n in new if n not in used]
+
+
 def _quantized_table(layers: list[dict[str, Any]], limit: int) -> Table:
-    table = Table(title="quantized layers", title_justify="left")
+    table = _table("quantized layers")
     for column in ("layer", "was", "now", "format", "bits", "group", "shape", "bytes", "weight SQNR (dB)"):
         table.add_column(column, justify="right" if column in ("bits", "group", "bytes", "weight SQNR (dB)")
                          else "left", overflow="fold")
@@ -121,7 +147,7 @@ def _quantized_table(layers: list[dict[str, Any]], limit: int) -> Table:
 
 
 def _initializer_table(initializers: list[dict[str, Any]], limit: int) -> Table:
-    table = Table(title="initializers", title_justify="left")
+    table = _table("initializers")
     for column in ("name", "change", "shape", "dtype", "bytes", "min / max", "mean / std", "error"):
         table.add_column(column, justify="right" if column == "bytes" else "left", overflow="fold")
     for item in initializers[:limit]:
@@ -153,7 +179,7 @@ def numerical(diff: dict[str, Any], limit: int) -> RenderableType:
     parts: list[RenderableType] = [Text(f"numerical diff on {data}", style="bold")]
     for key, title in (("outputs", "model outputs"), ("tensors", "intermediate tensors, worst first")):
         rows = diff[key]
-        table = Table(title=f"{title} ({len(rows)})", title_justify="left")
+        table = _table(f"{title} ({len(rows)})")
         table.add_column("tensor", overflow="fold")
         for column in ("max abs", "cosine", "SQNR (dB)"):
             table.add_column(column, justify="right")
@@ -173,23 +199,28 @@ def numerical(diff: dict[str, Any], limit: int) -> RenderableType:
 def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
     layers = inspection["layers"]
     has_float = any(row["format"] != "int" for row in layers.values())
-    table = Table(title="layers", title_justify="left")
+    table = _table("layers")
     columns = ["layer", "op", "shape", "params", "format", "bits", "group", "sparsity", "bytes", "share"]
     if has_float:
-        columns += ["kurtosis", "max/std", "quantizable"]
-    for column in columns:
-        left = column in ("layer", "op", "format", "quantizable")
-        table.add_column(column, justify="left" if left else "right", overflow="fold")
+        columns += ["kurtosis", "max/std", "quantize?"]
+    for column in columns:  # numbers never wrap; long names and reasons fold
+        left = column in ("layer", "op", "format", "quantize?")
+        table.add_column(column, justify="left" if left else "right", overflow="fold",
+                         no_wrap=column != "layer", min_width=16 if column == "layer" else None)
     labels = short_names(list(layers))
+    not_quantizable = []
     for name, row in layers.items():
-        cells = [labels[name], row["op"], _shape(row["shape"]), f"{row['params']:,}", row["format"], str(row["bits"]),
+        cells = [labels[name], row["op"], _shape(row["shape"]), _count(row["params"]), row["format"], str(row["bits"]),
                  "-" if row["group_size"] is None else str(row["group_size"]), f"{row['sparsity']:.1%}",
                  _size(row["bytes"]), f"{row['share']:.1%}"]
         if has_float:
             if row["format"] == "int":
                 cells += ["", "", ""]
             else:
-                cells += [_number(row["kurtosis"], ".1f"), _number(row["max_over_std"], ".1f"), row["quantizable"]]
+                cells += [_number(row["kurtosis"], ".1f"), _number(row["max_over_std"], ".1f"),
+                          "yes" if row["quantizable"] == "yes" else f"no ({len(not_quantizable) + 1})"]
+                if row["quantizable"] != "yes":
+                    not_quantizable.append(f"({len(not_quantizable) + 1}) {labels[name]}: {row['quantizable'][4:]}")
         table.add_row(*cells, style="yellow" if row.get("outlier") else None)
     totals = inspection["totals"]
     sizes = totals["sizes"]
@@ -200,6 +231,7 @@ def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
         f"by kind: packed weights {_size(sizes['packed'])}, scales + zero points {_size(sizes['scales_zero_points'])}, "
         f"embeddings {_size(sizes['embeddings'])}, other float {_size(sizes['other'])}",
     ]
+    lines += not_quantizable
     if inspection["outliers"]:
         names = ", ".join(labels[name] for name in inspection["outliers"][:8])
         lines.append(f"outliers (kurtosis > 10 or max/std > 12, in yellow), worst first: {names}"
@@ -212,7 +244,7 @@ def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
 def skipped_table(skipped: list[dict[str, str]]) -> RenderableType:
     if not skipped:
         return Text("every candidate layer was rewritten: no pass left a layer alone")
-    table = Table(title="layers left alone", title_justify="left")
+    table = _table("layers left alone")
     for column in ("pass", "layer", "reason"):
         table.add_column(column, overflow="fold")
     for row in skipped:
