@@ -11,8 +11,10 @@
   channel centres ``z`` are first subtracted from beta and added back through every
   consumer's bias (``b' = b + z W``). With ``pow2`` every scale is a power of two
   (LLM-FP4's pre-shifted exponent bias), so a folded scale is a shift.
-  A producer whose output also feeds anything but foldable linear layers (a residual
-  connection, say) is left alone, and stats say why.
+  Where the normalised output also feeds other nodes (the residual of a post-LN
+  transformer such as BERT), ``compensate`` gives those readers the original values
+  back through a ``Mul`` by ``s`` (exact, one elementwise op); without it such a
+  producer is left alone and stats say why.
 
 Exact: outputs are unchanged up to float round-off (checked numerically in tests and
 with ``--verify``). Activation statistics come from calibration data, or synthetic
@@ -52,6 +54,8 @@ class Fold(Pass):
                           min=0.0, max=1.0)
     shift: bool = option(False, "also centre each channel (OutlierTune), compensated in consumer biases")
     pow2: bool = option(False, "round every scale to a power of two (a fold becomes a shift)")
+    compensate: bool = option(True, "when the normalised output also feeds other nodes (a residual), "
+                              "undo the scale on those branches with a Mul (exact; one small op each)")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         stats: dict = {"batchnorm": [], "smoothed": {}, "skipped": {}}
@@ -101,7 +105,7 @@ class Fold(Pass):
     def _smooth(self, model: Model, ctx: PassContext, stats: dict) -> bool:
         producers = []
         for norm in [n for n in model.graph.nodes if n.op == "LayerNormalization"]:
-            reason = _smooth_blocker(norm, model)
+            reason = _smooth_blocker(norm, model, self.compensate)
             if reason:
                 stats["skipped"][norm.name] = reason
             else:
@@ -117,7 +121,9 @@ class Fold(Pass):
         return True
 
     def _smooth_one(self, model: Model, norm: gs.Node, rows: np.ndarray, stats: dict) -> None:
-        consumers = list(norm.outputs[0].outputs)
+        output = norm.outputs[0]
+        consumers = [c for c in output.outputs if _foldable_consumer(c, output) is None]
+        others = [c for c in output.outputs if c not in consumers]
         centre = np.zeros(rows.shape[1])
         if self.shift:
             centre = ((rows.max(axis=0) + rows.min(axis=0)) / 2).astype(np.float64)
@@ -137,6 +143,8 @@ class Fold(Pass):
             norm.inputs[2] = gs.Constant(f"{norm.name}.beta_smoothed", new_beta)
         else:
             norm.inputs.append(gs.Constant(f"{norm.name}.beta_smoothed", new_beta))
+        if others:
+            self._restore_for(model, norm, others, scales, centre)
         for consumer in consumers:
             weight = _input_rows(consumer)
             if self.shift:
@@ -147,11 +155,33 @@ class Fold(Pass):
         model.mark(norm, self.name)
         stats["smoothed"][norm.name] = {
             "consumers": [c.name for c in consumers],
+            "compensated": [c.name for c in others],
             "max_scale": float(scales.max()),
             "min_scale": float(scales.min()),
             "activation_absmax_before": float(act_max.max()),
             "activation_absmax_after": float((act_max / scales).max()),
         }
+
+
+    def _restore_for(self, model: Model, norm: gs.Node, readers: list[gs.Node], scales: np.ndarray,
+                     centre: np.ndarray) -> None:
+        """Give ``readers`` the original normalised output back: ``y * s (+ z)``."""
+        output = norm.outputs[0]
+        restored = gs.Variable(f"{output.name}/unsmoothed", output.dtype, output.shape)
+        nodes = []
+        scaled = restored if not self.shift else gs.Variable(f"{output.name}/rescaled", output.dtype, output.shape)
+        nodes.append(gs.Node("Mul", f"{norm.name}/unsmooth", inputs=[
+            output, gs.Constant(f"{norm.name}.unsmooth_scale", scales.astype(np.float32))], outputs=[scaled]))
+        if self.shift:
+            nodes.append(gs.Node("Add", f"{norm.name}/unshift", inputs=[
+                scaled, gs.Constant(f"{norm.name}.unshift_centre", centre.astype(np.float32))], outputs=[restored]))
+        for reader in readers:
+            for index, value in enumerate(list(reader.inputs)):
+                if value is output:
+                    reader.inputs[index] = restored
+        model.graph.nodes.extend(nodes)
+        for node in nodes:
+            model.mark(node, self.name)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -181,7 +211,18 @@ def _batchnorm_blocker(bn: gs.Node) -> str | None:
     return None
 
 
-def _smooth_blocker(norm: gs.Node, model: Model) -> str | None:
+def _foldable_consumer(consumer: gs.Node, output: gs.Tensor) -> str | None:
+    """Why ``consumer`` cannot absorb a scale on its input ``output``, or None."""
+    if consumer.op not in LINEAR_OPS or consumer.inputs[0] is not output:
+        return f"its output also feeds {consumer.op} {consumer.name!r} (e.g. a residual): not foldable"
+    if not _constant(consumer.inputs[1]) or len(consumer.inputs[1].shape) != 2:
+        return f"consumer {consumer.name!r} has no constant 2-D weight"
+    if consumer.op == "Gemm" and (consumer.attrs.get("transA", 0) or float(consumer.attrs.get("alpha", 1.0)) != 1.0):
+        return f"consumer {consumer.name!r} is a Gemm with transA or alpha != 1"
+    return None
+
+
+def _smooth_blocker(norm: gs.Node, model: Model, compensate: bool) -> str | None:
     if len(norm.inputs) < 2 or not _constant(norm.inputs[1]):
         return "gamma is not a constant"
     if len(norm.inputs) > 2 and not _constant(norm.inputs[2]):
@@ -193,16 +234,11 @@ def _smooth_blocker(norm: gs.Node, model: Model) -> str | None:
     output = norm.outputs[0]
     if output in model.graph.outputs:
         return "its output is a model output"
-    consumers = list(output.outputs)
-    if not consumers:
-        return "no consumers"
-    for consumer in consumers:
-        if consumer.op not in LINEAR_OPS or consumer.inputs[0] is not output:
-            return f"its output also feeds {consumer.op} {consumer.name!r} (e.g. a residual): not foldable"
-        if not _constant(consumer.inputs[1]) or len(consumer.inputs[1].shape) != 2:
-            return f"consumer {consumer.name!r} has no constant 2-D weight"
-        if consumer.op == "Gemm" and (consumer.attrs.get("transA", 0) or float(consumer.attrs.get("alpha", 1.0)) != 1.0):
-            return f"consumer {consumer.name!r} is a Gemm with transA or alpha != 1"
+    reasons = [_foldable_consumer(consumer, output) for consumer in output.outputs]
+    if all(reasons):
+        return "no linear consumer with a constant weight to fold into" if reasons else "no consumers"
+    if any(reasons) and not compensate:
+        return next(r for r in reasons if r) + " (fold(compensate=true) handles it)"
     return None
 
 

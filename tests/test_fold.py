@@ -125,9 +125,17 @@ def test_shift_adds_biases_through_consumers():
 
 
 def test_residual_consumers_block_smoothing_with_a_reason():
-    _, after, record = _run_fold(pre_ln_block(residual=True), "fold", _block_feeds())
+    _, after, record = _run_fold(pre_ln_block(residual=True), "fold(compensate=false)", _block_feeds())
     assert not record.changed
-    assert "residual" in record.stats["skipped"]["ln"] and "not foldable" in record.stats["skipped"]["ln"]
+    assert "residual" in record.stats["skipped"]["ln"] and "compensate=true" in record.stats["skipped"]["ln"]
+
+
+@pytest.mark.parametrize("spec", ["fold", "fold(shift=true)", "fold(shift=true,pow2=true)"])
+def test_residual_readers_get_the_original_values_back(spec):
+    feeds = _block_feeds()
+    before, after, record = _run_fold(pre_ln_block(residual=True), spec, feeds)
+    assert record.stats["smoothed"]["ln"]["compensated"] == ["residual"]
+    _assert_same_outputs(before, after, feeds)
 
 
 def test_fold_twice_changes_nothing_the_second_time():
@@ -145,7 +153,8 @@ def test_fold_twice_changes_nothing_the_second_time():
 def test_property_smoothing_random_blocks_stays_exact(seed, hidden, alpha, shift, pow2, outlier):
     feeds = _block_feeds(n=3, hidden=hidden, seed=seed)
     spec = f"fold(alpha={alpha},shift={str(shift).lower()},pow2={str(pow2).lower()})"
-    before, after, _ = _run_fold(pre_ln_block(seed, hidden=hidden, outlier=outlier), spec, feeds)
+    before, after, _ = _run_fold(pre_ln_block(seed, residual=seed % 2 == 0, hidden=hidden, outlier=outlier),
+                                 spec, feeds)
     _assert_same_outputs(before, after, feeds)
 
 
