@@ -108,6 +108,17 @@ class Model:
         """Record that ``pass_name`` created ``node`` (its provenance)."""
         self.provenance[node.name] = pass_name
 
+    def splice(self, nodes: list[gs.Node], readers: list[gs.Node], old: gs.Tensor, new: gs.Tensor,
+               pass_name: str) -> None:
+        """Add ``nodes`` (which compute ``new`` from ``old``) and make ``readers`` read ``new``."""
+        for reader in readers:
+            for index, value in enumerate(list(reader.inputs)):
+                if value is old:
+                    reader.inputs[index] = new
+        self.graph.nodes.extend(nodes)
+        for node in nodes:
+            self.mark(node, pass_name)
+
 
 def _nbytes(constant: gs.Constant) -> int:
     shape = constant.shape or ()

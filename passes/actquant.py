@@ -55,11 +55,5 @@ def insert_qdq(model: Model, tensor: gs.Variable, consumers: list[gs.Node], scal
     dequantized = gs.Variable(f"{base}/dequantized", np.float32, tensor.shape)
     nodes.append(gs.Node("DequantizeLinear", f"{base}/dequantize", inputs=[quantized, scale_c, zero_c],
                          outputs=[dequantized]))
-    for consumer in consumers:
-        for index, value in enumerate(list(consumer.inputs)):
-            if value is tensor:
-                consumer.inputs[index] = dequantized
-    model.graph.nodes.extend(nodes)
-    for node in nodes:
-        model.mark(node, pass_name)
+    model.splice(nodes, consumers, tensor, dequantized, pass_name)
     return dequantized

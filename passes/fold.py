@@ -175,13 +175,7 @@ class Fold(Pass):
         if self.shift:
             nodes.append(gs.Node("Add", f"{norm.name}/unshift", inputs=[
                 scaled, gs.Constant(f"{norm.name}.unshift_centre", centre.astype(np.float32))], outputs=[restored]))
-        for reader in readers:
-            for index, value in enumerate(list(reader.inputs)):
-                if value is output:
-                    reader.inputs[index] = restored
-        model.graph.nodes.extend(nodes)
-        for node in nodes:
-            model.mark(node, self.name)
+        model.splice(nodes, readers, output, restored, self.name)
 
 
 # -- helpers -------------------------------------------------------------------------
