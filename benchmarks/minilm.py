@@ -51,16 +51,20 @@ ORT_SETTINGS = [
 QCOMPILE_SETTINGS = [
     "quant(bits=8)",
     "quant(bits=4)",
-    "quant(bits=4,group_size=128)",
+    "quant(bits=4,method=gptq)",
     "quant(bits=3)",
-    "quant(bits=2)",
+    "quant(bits=3,method=gptq)",
+    "quant(bits=2,method=gptq)",
+    "fold,quant(bits=8,act_bits=8)",
+    "fold,quant(bits=6,act_bits=6,method=gptq)",
+    "fold,quant(bits=4,act_bits=8,method=gptq)",
 ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=256, help="evaluation sentences")
-    parser.add_argument("--calib-sentences", type=int, default=64)
+    parser.add_argument("--calib-sentences", type=int, default=256)
     parser.add_argument("--only", choices=["all", "qcompile", "ort"], default="all")
     parser.add_argument("--out", default="out/bench-minilm", help="folder for the built models")
     parser.add_argument("--update-readme", action="store_true", help="write the table into README.md")

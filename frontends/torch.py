@@ -101,8 +101,12 @@ def _export(
     output_names: Sequence[str],
     dynamic_axes: DynamicAxes | None,
     opset: int,
+    fold: bool = True,
 ) -> None:
-    """Export with one of :data:`EXPORTERS`."""
+    """Export with one of :data:`EXPORTERS`; ``fold=False`` keeps the graph unfolded."""
+    options = dict(EXPORTERS[exporter])
+    if not fold:
+        options["do_constant_folding" if exporter == "torchscript" else "optimize"] = False
     torch.onnx.export(
         module,
         args,
@@ -111,7 +115,7 @@ def _export(
         output_names=list(output_names),
         dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
         opset_version=opset,
-        **EXPORTERS[exporter],
+        **options,
     )
 
 
@@ -147,6 +151,7 @@ def export_module(
     output_names: Sequence[str],
     dynamic_axes: DynamicAxes | None = None,
     opset: int = 18,
+    fold: bool = True,
 ) -> Path:
     """Export ``module`` to one self-contained ONNX file at ``path``.
 
@@ -159,6 +164,8 @@ def export_module(
         output_names: names of the graph outputs.
         dynamic_axes: ``{name: {axis: "symbol"}}`` for axes that may vary at run time.
         opset: the default-domain ONNX opset to target.
+        fold: let the exporter fold constants (and BatchNorm into Conv); False keeps the
+            graph as the module wrote it, for qcompile's own ``fold`` pass to see.
 
     Returns:
         The absolute path of the written file.
@@ -186,6 +193,7 @@ def export_module(
         "output_names": output_names,
         "dynamic_axes": dynamic_axes,
         "opset": opset,
+        "fold": fold,
     }
     try:
         with _eval_mode(module):

@@ -166,3 +166,23 @@ def test_property_batchnorm_random_stays_exact(seed, with_bias, linear):
     feeds = {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
     before, after, _ = _run_fold(proto, feeds=feeds)
     _assert_same_outputs(before, after, feeds)
+
+
+def test_torch_conv_batchnorm_exported_unfolded_is_folded_exactly(tmp_path):
+    import onnx
+    import torch
+
+    from qcompile.frontends.torch import export_module
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    module[1].running_mean.uniform_(-1, 1)
+    module[1].running_var.uniform_(0.5, 2)
+    path = export_module(module.eval(), torch.randn(1, 3, 6, 6), tmp_path / "m.onnx", input_names=["x"],
+                         output_names=["y"], dynamic_axes={"x": {0: "n"}}, fold=False)
+    assert "BatchNormalization" in [n.op_type for n in onnx.load(path).graph.node]
+    proto = onnx.load(path)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    before, after, record = _run_fold(proto, feeds=feeds)
+    assert record.stats["batchnorm"] and "BatchNormalization" not in [n.op for n in after.graph.nodes]
+    _assert_same_outputs(before, after, feeds)

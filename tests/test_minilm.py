@@ -61,3 +61,35 @@ def test_minilm_cli_with_calibration_file_and_8bit(minilm, tmp_path):
     manifest = json.loads(done.stdout)["manifest"]
     assert manifest["errors"]["artifact_vs_fp32"]["last_hidden_state"]["cosine"] > 0.999
     assert not manifest["errors"]["synthetic"]
+
+
+def _embedding_cosine(minilm, artifact_dir, sentences=128):
+    evals = tokenize(minilm_path(), english_sentences(sentences, "eval"), max_length=64)
+    reference, artifact = make_session(minilm), qcompile.load(artifact_dir)
+    fp32, quantized = [], []
+    for start in range(0, sentences, 32):
+        feed = {k: v[start : start + 32] for k, v in evals.items()}
+        fp32.append(_pooled(reference.run(None, feed)[0], feed["attention_mask"]))
+        quantized.append(_pooled(artifact.run(feed)["last_hidden_state"], feed["attention_mask"]))
+    return (np.concatenate(fp32) * np.concatenate(quantized)).sum(1)
+
+
+@pytest.fixture(scope="module")
+def calib256():
+    return tokenize(minilm_path(), english_sentences(256, "calib"), max_length=64)
+
+
+def test_minilm_gptq_4bit(minilm, calib256, tmp_path):
+    result = qcompile.compile(minilm, passes="quant(bits=4,method=gptq)", calib=calib256, output=tmp_path / "g4")
+    assert result.manifest["sizes"]["artifact_bytes"] <= 15e6
+    assert _embedding_cosine(minilm, result.path).mean() >= 0.99
+
+
+def test_minilm_fold_w8a8_runs_integer_kernels(minilm, calib256, tmp_path):
+    result = qcompile.compile(minilm, passes="fold,quant(bits=8,act_bits=8)", calib=calib256,
+                              output=tmp_path / "w8a8")
+    kernels = [layer["kernel"] for layer in result.manifest["layers"].values() if layer["op"] == "QMatMul"]
+    assert kernels == ["MatMulIntegerToFloat"] * 36
+    fold = result.manifest["passes"][0]["stats"]
+    assert len(fold["smoothed"]) == 11  # every LayerNorm but the last, whose output is the model output
+    assert _embedding_cosine(minilm, result.path).mean() >= 0.995  # ORT int8 dynamic per-channel: 0.9926
