@@ -77,6 +77,14 @@ class Pass:
     def run(self, model, ctx) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def needs_calibration(self) -> str | None:
+        """Why this configuration of the pass needs calibration data, or None.
+
+        Defaults to the class's ``requires_calibration``; passes whose options decide it
+        (``quant(method=gptq)``) override this. The manager asks before anything runs.
+        """
+        return f"pass {self.name} needs calibration data" if self.requires_calibration else None
+
     # -- options -----------------------------------------------------------------------
 
     @classmethod

@@ -64,8 +64,9 @@ class PassRecord:
 def check_requirements(pipeline: list[Pass], ctx: PassContext) -> None:
     names = [p.name for p in pipeline]
     for index, pass_ in enumerate(pipeline):
-        if pass_.requires_calibration and ctx.calib is None:
-            raise UsageError(f"pass {pass_.name} needs calibration data: add --calib FILE (or random:N)")
+        reason = pass_.needs_calibration()
+        if reason and ctx.calib is None:
+            raise UsageError(f"{reason}: add --calib FILE (or random:N)")
         for earlier in pass_.runs_after:
             if earlier in names[index + 1 :]:
                 raise UsageError(f"pass {earlier} must come before {pass_.name} in --passes")

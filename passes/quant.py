@@ -83,10 +83,17 @@ class Quant(Pass):
     def symmetric(self) -> bool:
         return self.sym == "true" or (self.sym == "auto" and self.integer_kernels)
 
+    def needs_calibration(self) -> str | None:
+        if self.method == "gptq":
+            return "quant(method=gptq) needs calibration data"
+        if self.act_bits:
+            return "quant(act_bits) needs calibration data (static activation ranges)"
+        return None
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        for needed, what in ((self.method == "gptq", "quant(method=gptq)"), (self.act_bits > 0, "quant(act_bits)")):
-            if needed and ctx.calib is None:
-                raise UsageError(f"{what} needs calibration data: add --calib FILE")
+        reason = self.needs_calibration()
+        if reason and ctx.calib is None:  # the manager checks first; direct callers get the same error
+            raise UsageError(f"{reason}: add --calib FILE")
         candidates, skipped = self._select(model)
         linear_inputs = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
         grams = ctx.gram(model, linear_inputs, allow_synthetic=self.act_aware) if linear_inputs else {}

@@ -226,3 +226,21 @@ def test_format_attributes_are_recorded():
     assert {k: node.attrs[k] for k in ("format", "bits", "group_size", "cols", "sym")} == {
         "format": "int", "bits": 3, "group_size": 16, "cols": 64, "sym": 1}
     assert qops.read_weight(node).sym
+
+
+def test_option_dependent_calibration_needs_are_checked_before_anything_runs():
+    model = _canonical(mlp_model())
+    ran = []
+
+    @dataclass(frozen=True)
+    class Recorder(Pass):
+        name: ClassVar[str] = "recorder"
+
+        def run(self, model, ctx):
+            ran.append(True)
+            return PassResult(False, {})
+
+    with pytest.raises(UsageError, match=r"quant\(method=gptq\) needs calibration data: add --calib"):
+        PassManager([Recorder(), Quant(method="gptq")]).run(model, PassContext())
+    assert not ran
+    assert Quant().needs_calibration() is None
