@@ -122,10 +122,6 @@ def compile(
             "synthetic": eval_samples.synthetic,
             **backend_error,
         }
-        manifest["sizes"]["breakdown"] = {"before": size_breakdown(canonical), "after": size_breakdown(compiled)}
-        manifest["float_layers"] = float_layers(compiled)
-        manifest["layer_order"] = [node.name for node in compiled.graph.nodes
-                                   if qops.is_quantized(node) or float_weight(node) is not None]
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         artifact_io.write_manifest(staging, manifest)
         if report is not None:
@@ -186,7 +182,11 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
             "input_weight_bytes": canonical.constant_bytes(),
             "ir_weight_bytes": compiled.constant_bytes(),
             "artifact_bytes": artifact_io.folder_bytes(folder, backend_section["files"]),
+            "breakdown": {"before": size_breakdown(canonical), "after": size_breakdown(compiled)},
         },
+        "float_layers": float_layers(compiled),
+        "layer_order": [node.name for node in compiled.graph.nodes
+                        if qops.is_quantized(node) or float_weight(node) is not None],
         "inputs": [_io_info(t) for t in compiled.graph.inputs],
         "outputs": [_io_info(t) for t in compiled.graph.outputs],
         "versions": artifact_io.tool_versions(),
