@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from qcompile.errors import BackendError
 from qcompile.ir import io, qops, runtime
-from qcompile.ir.model import Model
+from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         replacement: list[gs.Node] | None = None
         quantized_input = _quantized_input(node) if node.op == "QMatMul" else None
         if quantized_input is not None and _integer_gemm_weight(weight):
-            replacement = [_matmul_integer(node, weight, quantized_input, _bias_add(graph, node))]
+            replacement = [_matmul_integer(node, weight, quantized_input,
+                                           constant_bias_add(graph, node, weight.rows))]
         elif native and node.op == "QMatMul":
-            replacement = [_matmul_nbits(node, weight, accuracy_level, _bias_add(graph, node))]
+            replacement = [_matmul_nbits(node, weight, accuracy_level, constant_bias_add(graph, node, weight.rows))]
         elif native and node.op == "QGather" and weight.cols % weight.group_size == 0:
             replacement = _gather_block_quantized(node, weight)
         if replacement is None:
@@ -185,8 +186,20 @@ def _integer_gemm_weight(weight: QuantizedWeight) -> bool:
     return weight.bits == 8 and weight.n_groups == 1 and weight.sym
 
 
+def _absorb_bias(node: gs.Node, bias_add: tuple[gs.Node, gs.Constant] | None
+                 ) -> tuple[gs.Constant | None, list[gs.Tensor]]:
+    """Detach a following bias ``Add``: its constant, and the outputs the fused kernel takes over."""
+    if bias_add is None:
+        return None, list(node.outputs)
+    add, bias = bias_add
+    outputs = list(add.outputs)
+    add.inputs.clear()
+    add.outputs.clear()
+    return bias, outputs
+
+
 def _matmul_integer(node: gs.Node, weight: QuantizedWeight, quantize: gs.Node,
-                    bias_add: gs.Node | None) -> gs.Node:
+                    bias_add: tuple[gs.Node, gs.Constant] | None) -> gs.Node:
     """``MatMulIntegerToFloat`` on the quantized activation and int8 weights (u8s8 GEMM)."""
     name = node.inputs[1].name
     codes = unpack_codes(weight.packed, weight.bits)[:, : weight.cols].astype(np.int16)
@@ -198,32 +211,14 @@ def _matmul_integer(node: gs.Node, weight: QuantizedWeight, quantize: gs.Node,
         gs.Constant(f"{name}.int8_scales", weight.scales[:, 0].astype(np.float32)),
         quantize.inputs[2],
     ]
-    outputs = list(node.outputs)
-    if bias_add is not None:
-        bias = next(t for t in bias_add.inputs if isinstance(t, gs.Constant))
+    bias, outputs = _absorb_bias(node, bias_add)
+    if bias is not None:
         inputs += [gs.Variable.empty(), bias]
-        outputs = list(bias_add.outputs)
-        bias_add.inputs.clear()
-        bias_add.outputs.clear()
     return gs.Node("MatMulIntegerToFloat", node.name, {}, inputs, outputs, domain=MSFT_DOMAIN)
 
 
-def _bias_add(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
-    """The ``Add`` of a constant ``[N]`` bias that is the only consumer of ``node``'s output."""
-    output = node.outputs[0]
-    if output in graph.outputs or len(output.outputs) != 1:
-        return None
-    add = output.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None
-    bias = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
-    rows = int(np.asarray(node.inputs[1].values).shape[0])
-    if not isinstance(bias, gs.Constant) or tuple(bias.shape) != (rows,) or bias.dtype != np.float32:
-        return None
-    return add
-
-
-def _matmul_nbits(node: gs.Node, weight: QuantizedWeight, accuracy_level: int, bias_add: gs.Node | None) -> gs.Node:
+def _matmul_nbits(node: gs.Node, weight: QuantizedWeight, accuracy_level: int,
+                  bias_add: tuple[gs.Node, gs.Constant] | None) -> gs.Node:
     """MatMulNBits for ``node``; a following bias ``Add`` is folded into its bias input."""
     name = node.inputs[1].name
     blob = weight.group_size * weight.bits // 8
@@ -234,13 +229,9 @@ def _matmul_nbits(node: gs.Node, weight: QuantizedWeight, accuracy_level: int, b
     ]
     zero_points = (gs.Constant(f"{name}.nbits_zero_points", _packed_zero_points(weight).reshape(-1))
                    if not weight.sym else gs.Variable.empty())
-    outputs = list(node.outputs)
-    if bias_add is not None:
-        bias = next(t for t in bias_add.inputs if isinstance(t, gs.Constant))
+    bias, outputs = _absorb_bias(node, bias_add)
+    if bias is not None:
         inputs += [zero_points, gs.Variable.empty(), bias]
-        outputs = list(bias_add.outputs)
-        bias_add.inputs.clear()
-        bias_add.outputs.clear()
     elif not weight.sym:
         inputs.append(zero_points)
     attrs = {

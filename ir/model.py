@@ -123,3 +123,25 @@ class Model:
 def _nbytes(constant: gs.Constant) -> int:
     shape = constant.shape or ()
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize
+
+
+def constant_bias_add(graph: gs.Graph, layer: gs.Node, width: int | None = None
+                      ) -> tuple[gs.Node, gs.Constant] | None:
+    """The ``Add`` of a constant 1-D float32 bias that alone consumes ``layer``'s output.
+
+    Returns that ``Add`` and its bias (``width`` long when given), or None. The pattern
+    a bias takes after a MatMul in exported graphs; passes fold into it and backends
+    fold it into their kernels.
+    """
+    output = layer.outputs[0]
+    if output in graph.outputs or len(output.outputs) != 1:
+        return None
+    add = output.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+    if not isinstance(bias, gs.Constant) or len(bias.shape) != 1 or bias.dtype != np.float32:
+        return None
+    if width is not None and bias.shape[0] != width:
+        return None
+    return add, bias

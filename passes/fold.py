@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.ir.model import Model
+from qcompile.ir.model import Model, constant_bias_add
 
 from .base import Pass, PassResult, option
 from .context import PassContext
@@ -88,7 +88,7 @@ class Fold(Pass):
                 folded = values * factor[:, None]
             else:
                 folded = values * factor[None, :]
-            old_bias = _bias_of(layer)
+            old_bias = _bias_of(model.graph, layer)
             bias = ((old_bias if old_bias is not None else 0.0) - mean) * factor + beta
             layer.inputs[1] = gs.Constant(f"{weight.name}.bn_folded", folded.astype(np.float32))
             layer.outputs = [bn.outputs[0]]
@@ -148,7 +148,7 @@ class Fold(Pass):
         for consumer in consumers:
             weight = _input_rows(consumer)
             if self.shift:
-                old = _bias_of(consumer)
+                old = _bias_of(model.graph, consumer)
                 _set_bias(model, consumer, ((old if old is not None else 0.0) + centre @ weight).astype(np.float32))
             _set_input_rows(consumer, weight * scales[:, None])
             model.mark(consumer, self.name)
@@ -247,13 +247,13 @@ def _set_input_rows(layer: gs.Node, rows: np.ndarray) -> None:
     layer.inputs[1] = gs.Constant(f"{layer.inputs[1].name}.smoothed", values.astype(np.float32))
 
 
-def _bias_of(layer: gs.Node) -> np.ndarray | None:
+def _bias_of(graph: gs.Graph, layer: gs.Node) -> np.ndarray | None:
     """A layer's constant bias: Conv/Gemm input 2, or the constant of the Add after a MatMul."""
     if layer.op in ("Conv", "Gemm"):
         if len(layer.inputs) > 2 and _constant(layer.inputs[2]):
             return np.asarray(layer.inputs[2].values, np.float64).reshape(-1)
         return None
-    found = _bias_add(layer)
+    found = constant_bias_add(graph, layer)
     return None if found is None else np.asarray(found[1].values, np.float64)
 
 
@@ -265,7 +265,7 @@ def _set_bias(model: Model, layer: gs.Node, bias: np.ndarray) -> None:
         else:
             layer.inputs.append(constant)
         return
-    found = _bias_add(layer)
+    found = constant_bias_add(model.graph, layer)
     if found is not None:
         add, constant = found
         add.inputs[add.inputs.index(constant)] = gs.Constant(f"{layer.name}.bias_folded", bias)
@@ -277,17 +277,3 @@ def _set_bias(model: Model, layer: gs.Node, bias: np.ndarray) -> None:
                         outputs=[output])
     model.graph.nodes.append(bias_node)
     model.mark(bias_node, "fold")
-
-
-def _bias_add(layer: gs.Node) -> tuple[gs.Node, gs.Constant] | None:
-    """The ``Add`` of a constant 1-D bias that alone consumes ``layer``'s output, and that bias."""
-    output = layer.outputs[0]
-    if len(output.outputs) != 1:
-        return None
-    add = output.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None
-    constant = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-    if constant is None or np.asarray(constant.values).ndim != 1:
-        return None
-    return add, constant
