@@ -60,15 +60,7 @@ class PassContext:
         are kept (spread over all samples), and tensors are captured a few at a time so
         that no more than ``max_capture_bytes`` are held at once beyond what is returned.
         """
-        captured: dict[str, np.ndarray] = {}
-        for chunk, parts in self._stream(model, tensor_names, allow_synthetic):
-            for name in chunk:
-                rows = np.concatenate(parts[name], axis=0)
-                if rows.shape[0] > self.max_capture_rows:
-                    keep = np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)
-                    rows = rows[keep]
-                captured[name] = rows.astype(np.float32, copy=False)
-        return captured
+        return self.statistics(model, rows_of=tensor_names, allow_synthetic=allow_synthetic)[1]
 
     def gram(
         self, model: Model, tensor_names: Iterable[str], *, allow_synthetic: bool = False
@@ -78,17 +70,32 @@ class PassContext:
         The Hessian of a linear layer's output error (GPTQ), and everything needed for
         that layer's exact output error statistics; float64, ``[dim, dim]``.
         """
+        return self.statistics(model, gram_of=tensor_names, allow_synthetic=allow_synthetic)[0]
+
+    def statistics(
+        self,
+        model: Model,
+        *,
+        gram_of: Iterable[str] = (),
+        rows_of: Iterable[str] = (),
+        allow_synthetic: bool = False,
+    ) -> tuple[dict[str, tuple[np.ndarray, int]], dict[str, np.ndarray]]:
+        """:meth:`gram` of ``gram_of`` and :meth:`capture` of ``rows_of`` in one calibration run."""
+        gram_names, row_names = set(gram_of), set(rows_of)
         grams: dict[str, tuple[np.ndarray, int]] = {}
-        for chunk, parts in self._stream(model, tensor_names, allow_synthetic):
+        captured: dict[str, np.ndarray] = {}
+        for chunk, parts in self._stream(model, [*gram_of, *rows_of], allow_synthetic):
             for name in chunk:
-                total = sum(p.shape[0] for p in parts[name])
-                dim = parts[name][0].shape[1]
-                accumulated = np.zeros((dim, dim), np.float64)
-                for rows in parts[name]:
-                    rows64 = rows.astype(np.float64)
-                    accumulated += rows64.T @ rows64
-                grams[name] = (accumulated, total)
-        return grams
+                if name in gram_names:
+                    grams[name] = _gram(parts[name])
+                if name in row_names:
+                    captured[name] = self._subsample(np.concatenate(parts[name], axis=0))
+        return grams, captured
+
+    def _subsample(self, rows: np.ndarray) -> np.ndarray:
+        if rows.shape[0] > self.max_capture_rows:
+            rows = rows[np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)]
+        return rows.astype(np.float32, copy=False)
 
     def _stream(self, model: Model, tensor_names: Iterable[str], allow_synthetic: bool):
         """Yield ``(names, {name: [per-sample [rows, last_dim] arrays]})``, a few tensors at a time."""
@@ -124,6 +131,16 @@ class PassContext:
             chunks[-1].append(name)
             used += size
         return [c for c in chunks if c]
+
+
+def _gram(parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """``(X^T X, rows)`` of the row blocks ``parts``, accumulated in float64."""
+    dim = parts[0].shape[1]
+    accumulated = np.zeros((dim, dim), np.float64)
+    for rows in parts:
+        rows64 = rows.astype(np.float64)
+        accumulated += rows64.T @ rows64
+    return accumulated, sum(p.shape[0] for p in parts)
 
 
 def _bytes_per_sample(tensor: gs.Tensor | None) -> int:

@@ -96,9 +96,9 @@ class Quant(Pass):
             raise UsageError(f"{reason}: add --calib FILE")
         candidates, skipped = self._select(model)
         linear_inputs = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
-        grams = ctx.gram(model, linear_inputs, allow_synthetic=self.act_aware) if linear_inputs else {}
         act_inputs = [n.inputs[0].name for n in candidates if n.op != "Gather"] if self.act_bits else []
-        activations = ctx.capture(model, act_inputs) if act_inputs else {}
+        grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
+                                            allow_synthetic=self.act_aware)
         ctx.progress.start(f"{self.name}: layers", len(candidates))
         shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
         layers = {}
