@@ -78,6 +78,9 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         if not qops.is_quantized(node):
             continue
         weight = qops.read_weight(node)
+        if not isinstance(weight, QuantizedWeight):  # formats without an ONNX Runtime kernel
+            kernels[node.name] = f"{node.op} reference function, {weight.format} format (decoded when the session starts)"
+            continue
         native = weight.bits in NATIVE_BITS and _power_of_two(weight.group_size)
         replacement: list[gs.Node] | None = None
         quantized_input = _quantized_input(node) if node.op == "QMatMul" else None

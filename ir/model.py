@@ -61,20 +61,22 @@ class Model:
     def to_proto(self) -> onnx.ModelProto:
         """Export to ONNX with the reference functions the quantized ops need."""
         graph = self.graph
-        quantized_types = sorted({node.op for node in graph.nodes if qops.is_quantized(node)})
+        function_keys = [qops.function_key(node) if qops.is_quantized(node) else None for node in graph.nodes]
         domains = [d for d in (graph.import_domains or []) if d.domain != qops.DOMAIN]
-        if quantized_types:
+        if any(function_keys):
             domains.append(onnx.helper.make_opsetid(qops.DOMAIN, qops.DOMAIN_VERSION))
         graph.import_domains = domains or None
         proto = gs.export_onnx(graph, do_type_check=False)
         if not any(d.domain in ("", "ai.onnx") for d in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid("", self.opset))
-        proto.functions.extend(qops.reference_functions(quantized_types, self.opset))
+        proto.functions.extend(qops.reference_functions(filter(None, function_keys), self.opset))
         proto.ir_version = max(proto.ir_version, MIN_IR_VERSION)
         proto.producer_name = "qcompile"
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, self.metadata)
-        for node in proto.graph.node:
+        for node, key in zip(proto.graph.node, function_keys, strict=True):
+            if key is not None:
+                node.overload = key[1]  # graphsurgeon does not carry overloads
             if node.name in self.provenance:
                 prop = node.metadata_props.add()
                 prop.key, prop.value = PROVENANCE_KEY, self.provenance[node.name]

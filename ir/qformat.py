@@ -15,9 +15,15 @@ Runtime's ``MatMulNBits`` and ``GatherBlockQuantized``, so backends reuse the by
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from .formats import FunctionBody, WeightFormat, register
 
 MIN_BITS, MAX_BITS = 2, 8
 FP16_MIN_NORMAL = 6.104e-05
@@ -28,6 +34,7 @@ FP16_MAX = 65504.0
 class QuantizedWeight:
     """Packed codes with their group scales and zero points (all ``[rows, ...]``)."""
 
+    format: ClassVar[str] = "int"
     packed: np.ndarray  # uint8 [rows, n_groups * group_size * bits / 8]
     scales: np.ndarray  # float16 or float32 [rows, n_groups]
     zero_points: np.ndarray  # uint8 [rows, n_groups]
@@ -231,3 +238,84 @@ def quantize_int(
         codes[start : start + row_chunk] = _codes_for(groups, best_scale, best_zp, bits) * valid
     packed = pack_codes(codes.reshape(rows, -1), bits)
     return QuantizedWeight(packed, scales.astype(scale_dtype), zero_points, bits, group_size, cols, sym)
+
+
+class IntFormat(WeightFormat):
+    """``int``: inputs ``packed, scales, zero_points``; see the module docstring."""
+
+    name = "int"
+    inputs = ("packed", "scales", "zero_points")
+    attributes = ("format", "bits", "group_size", "cols", "sym")
+
+    def node_attributes(self, weight: Any) -> dict[str, Any]:
+        return {"format": self.name, "bits": weight.bits, "group_size": weight.group_size, "cols": weight.cols,
+                "sym": int(weight.sym)}
+
+    def constants(self, prefix: str, weight: Any) -> list[gs.Constant]:
+        return [
+            gs.Constant(f"{prefix}.qweight", weight.packed),
+            gs.Constant(f"{prefix}.scales", weight.scales),
+            gs.Constant(f"{prefix}.zero_points", weight.zero_points),
+        ]
+
+    def from_arrays(self, attrs: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> QuantizedWeight:
+        packed, scales, zero_points = arrays
+        return QuantizedWeight(packed=packed, scales=scales, zero_points=zero_points, bits=int(attrs["bits"]),
+                               group_size=int(attrs["group_size"]), cols=int(attrs["cols"]),
+                               sym=bool(attrs.get("sym", 0)))
+
+    def check(self, attrs: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> str | None:
+        bits, group_size, cols = (int(attrs[k]) for k in ("bits", "group_size", "cols"))
+        if not MIN_BITS <= bits <= MAX_BITS or group_size <= 0 or group_size % 8 or cols <= 0:
+            return f"bad format attributes bits={bits} group_size={group_size} cols={cols}"
+        packed, scales, zero_points = arrays
+        n_groups = -(-cols // group_size)
+        expected = (packed.shape[0], n_groups * group_size * bits // 8)
+        if packed.dtype != np.uint8 or packed.shape != expected:
+            return f"packed weight is {packed.dtype}{list(packed.shape)}, expected uint8{list(expected)}"
+        if scales.shape != (packed.shape[0], n_groups) or zero_points.shape != scales.shape:
+            return (f"scales/zero points shape {scales.shape}/{zero_points.shape}, expected "
+                    f"{(packed.shape[0], n_groups)}")
+        if not np.isfinite(scales.astype(np.float32)).all():
+            return "non-finite scales"
+        return None
+
+    def decode(self, body: FunctionBody, inputs: Sequence[str]) -> str:
+        """Packed codes ``[R, P]`` to the float matrix ``[R, cols]``.
+
+        Code ``i`` of a run of 8 starts at bit ``i*bits``: byte ``j = i*bits // 8``,
+        offset ``o = i*bits % 8``; ``code = ((b[j] + 256*b[j+1]) // 2**o) % 2**bits``.
+        """
+        packed, scales, zero_points = inputs
+        bits = body.attr_const("bits")
+        group_size = body.attr_const("group_size")
+        cols = body.attr_const("cols")
+        zero, one, minus_one = body.const([0]), body.const([1]), body.const([-1])
+        two, eight = body.const(2), body.const(8)
+        rows = body.op("Slice", body.op("Shape", packed), zero, one)
+        bits_1d = body.op("Unsqueeze", bits, zero)
+        runs = body.op("Reshape", packed, body.op("Concat", rows, minus_one, bits_1d, axis=0))
+        runs = body.op("Cast", runs, to=TensorProto.INT64)
+        runs = body.op("Pad", runs, body.const([0, 0, 0, 0, 0, 1]))  # a zero byte after each run
+        bit_offsets = body.op("Mul", body.op("Range", body.const(0), eight, body.const(1)), bits)
+        first_byte = body.op("Div", bit_offsets, eight)
+        low = body.op("Gather", runs, first_byte, axis=2)
+        high = body.op("Gather", runs, body.op("Add", first_byte, body.const(1)), axis=2)
+        window = body.op("Add", low, body.op("Mul", high, body.const(256)))
+        shifted = body.op("Div", window, body.op("Pow", two, body.op("Mod", bit_offsets, eight)))
+        codes = body.op("Mod", shifted, body.op("Pow", two, bits))
+        group_1d = body.op("Unsqueeze", group_size, zero)
+        codes = body.op("Reshape", codes, body.op("Concat", rows, minus_one, group_1d, axis=0))
+        centred = body.op(
+            "Sub",
+            body.op("Cast", codes, to=TensorProto.FLOAT),
+            body.op("Unsqueeze", body.op("Cast", zero_points, to=TensorProto.FLOAT), minus_one),
+        )
+        values = body.op(
+            "Mul", centred, body.op("Unsqueeze", body.op("Cast", scales, to=TensorProto.FLOAT), minus_one)
+        )
+        flat = body.op("Reshape", values, body.op("Concat", rows, minus_one, axis=0))
+        return body.op("Slice", flat, zero, body.op("Unsqueeze", cols, zero), one)
+
+
+INT = register(IntFormat())

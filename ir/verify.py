@@ -14,8 +14,9 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import VerificationError
 
+from . import qops
+from .formats import FORMATS
 from .model import Model
-from .qformat import MAX_BITS, MIN_BITS
 
 
 def verify(model: Model) -> None:
@@ -53,23 +54,21 @@ def _check_names_and_dataflow(graph: gs.Graph) -> None:
 
 def _check_quantized(node: gs.Node) -> None:
     where = f"{node.op} {node.name!r}"
-    if node.attrs.get("format") != "int":
+    fmt = FORMATS.get(str(node.attrs.get("format")))
+    if fmt is None:
         raise VerificationError(f"{where}: unknown format {node.attrs.get('format')!r}")
-    bits, group_size, cols = (int(node.attrs[k]) for k in ("bits", "group_size", "cols"))
-    if not MIN_BITS <= bits <= MAX_BITS or group_size <= 0 or group_size % 8 or cols <= 0:
-        raise VerificationError(f"{where}: bad format attributes bits={bits} group_size={group_size} cols={cols}")
-    weight_inputs = node.inputs[0:1] + node.inputs[2:4] if node.op == "QGather" else node.inputs[1:4]
+    missing = [name for name in fmt.attributes if name not in node.attrs]
+    if missing:
+        raise VerificationError(f"{where}: {fmt.name} format attributes missing: {', '.join(missing)}")
+    expected_inputs = len(fmt.inputs) + (2 if node.op == "QConv" else 1)
+    if len(node.inputs) != expected_inputs:
+        raise VerificationError(f"{where}: {len(node.inputs)} inputs, the {fmt.name} format needs {expected_inputs}")
+    weight_inputs = qops.weight_inputs(node)
     if not all(isinstance(t, gs.Constant) for t in weight_inputs):
-        raise VerificationError(f"{where}: packed weight, scales and zero points must be initializers")
-    packed, scales, zero_points = (np.asarray(t.values) for t in weight_inputs)
-    n_groups = -(-cols // group_size)
-    expected = (packed.shape[0], n_groups * group_size * bits // 8)
-    if packed.dtype != np.uint8 or packed.shape != expected:
-        raise VerificationError(f"{where}: packed weight is {packed.dtype}{list(packed.shape)}, expected uint8{list(expected)}")
-    if scales.shape != (packed.shape[0], n_groups) or zero_points.shape != scales.shape:
-        raise VerificationError(f"{where}: scales/zero points shape {scales.shape}/{zero_points.shape}, expected {(packed.shape[0], n_groups)}")
-    if not np.isfinite(scales.astype(np.float32)).all():
-        raise VerificationError(f"{where}: non-finite scales")
+        raise VerificationError(f"{where}: {', '.join(fmt.inputs)} must be initializers")
+    problem = fmt.check(node.attrs, [np.asarray(t.values) for t in weight_inputs])
+    if problem:
+        raise VerificationError(f"{where}: {problem}")
+    cols = int(node.attrs.get("cols", 0))
     if node.op == "QConv" and int(np.prod(node.attrs["weight_shape"][1:])) != cols:
         raise VerificationError(f"{where}: weight_shape {node.attrs['weight_shape']} does not match cols={cols}")
-

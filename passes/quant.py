@@ -32,12 +32,12 @@ from qcompile.errors import UsageError
 from qcompile.ir import qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
-from qcompile.ir.runtime import error_metrics
 
 from .actquant import activation_range, insert_qdq
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
 from .gptq import gptq_quantize
+from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Quant(Pass):
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
         chosen, skipped = [], {}
         for node in model.graph.nodes:
-            weight = _weight_of(node)
+            weight = weight_of(node)
             if weight is None:
                 continue
             reason = self._skip_reason(node, weight)
@@ -157,22 +157,7 @@ class Quant(Pass):
             return f"excluded by skip pattern {pattern!r}"
         if node.op == "Gather" and not self.embeddings:
             return "embeddings=false"
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
-            return "Gemm with transA=1 is not supported"
-        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name and not isinstance(
-            node.inputs[2], gs.Constant
-        ) and float(node.attrs.get("beta", 1.0)) != 1.0:
-            return "Gemm with beta != 1 and a computed C"
-        if node.op == "Gather" and node.attrs.get("axis", 0) != 0:
-            return "Gather on an axis other than 0"
-        values = np.asarray(weight.values)
-        if values.dtype != np.float32:
-            return f"weight dtype {values.dtype} (only float32 weights are quantized)"
-        if values.size < self.min_size:
-            return f"{values.size} weights < min_size={self.min_size}"
-        if not np.isfinite(values).all():
-            return "weight holds NaN or Inf"
-        return None
+        return unsupported_reason(node, weight, self.min_size)
 
     # -- rewriting ---------------------------------------------------------------------
 
@@ -187,107 +172,11 @@ class Quant(Pass):
                             importance=importance)
 
     def _rewrite(self, model: Model, node: gs.Node, shared: dict, gram_rows: tuple | None) -> dict:
-        weight = _weight_of(node)
-        assert weight is not None  # chosen by _select
-        matrix = _as_rows(node, np.asarray(weight.values, np.float32))
-        key = (weight.name, node.op if node.op != "Gemm" else f"Gemm{node.attrs.get('transB', 0)}")
-        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        if alpha != 1.0:
-            matrix = matrix * alpha
-            key = (f"{weight.name}*{alpha}", key[1])
+        matrix, key, prefix = layer_matrix(node)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
         if key not in shared:
             quantized = self._quantize(matrix, gram)
-            prefix = weight.name if alpha == 1.0 else f"{weight.name}.alpha"
             shared[key] = (quantized, qops.weight_constants(prefix, quantized))
         quantized, constants = shared[key]
-        new_nodes = _replacement(node, quantized, constants)
-        index = model.graph.nodes.index(node)
-        node.inputs.clear()
-        node.outputs.clear()
-        model.graph.nodes[index : index + 1] = new_nodes
-        for new in new_nodes:
-            model.mark(new, self.name)
-        return _layer_stats(node.op, matrix, quantized, gram)
-
-
-def _weight_of(node: gs.Node) -> gs.Constant | None:
-    """The constant weight of a quantizable node, or None."""
-    position = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}.get(node.op)
-    if position is None or node.domain not in ("", "ai.onnx", None) or len(node.inputs) <= position:
-        return None
-    weight = node.inputs[position]
-    if not isinstance(weight, gs.Constant):
-        return None
-    ndim = len(weight.shape or ())
-    if node.op == "Conv":
-        return weight if ndim >= 3 else None
-    return weight if ndim == 2 else None
-
-
-def _as_rows(node: gs.Node, values: np.ndarray) -> np.ndarray:
-    """The weight as ``[rows, cols]`` with the reduction axis last."""
-    if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
-        return np.ascontiguousarray(values.T)
-    if node.op == "Conv":
-        return values.reshape(values.shape[0], -1)
-    return values
-
-
-def _replacement(node: gs.Node, quantized: QuantizedWeight, constants: list[gs.Constant]) -> list[gs.Node]:
-    packed, scales, zero_points = constants
-    attrs = qops.format_attributes(quantized)
-    output = node.outputs[0]
-    if node.op == "Gather":
-        return [gs.Node("QGather", node.name, attrs, [packed, node.inputs[1], scales, zero_points], [output],
-                        domain=qops.DOMAIN)]
-    if node.op == "Conv":
-        weight = node.inputs[1]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else gs.Constant(
-            f"{weight.name}.zero_bias", np.zeros(weight.shape[0], np.float32))
-        conv_attrs = {k: v for k, v in node.attrs.items() if k in qops.CONV_ATTRIBUTES}
-        attrs.update(conv_attrs, weight_shape=list(weight.shape))
-        return [gs.Node("QConv", node.name, attrs, [node.inputs[0], packed, scales, zero_points, bias], [output],
-                        domain=qops.DOMAIN)]
-    has_bias = node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name
-    matmul_out = gs.Variable(f"{output.name}/matmul", output.dtype, output.shape) if has_bias else output
-    nodes = [gs.Node("QMatMul", node.name, attrs, [node.inputs[0], packed, scales, zero_points], [matmul_out],
-                     domain=qops.DOMAIN)]
-    if has_bias:
-        nodes.append(gs.Node("Add", f"{node.name}/bias", inputs=[matmul_out, _scaled_bias(node)], outputs=[output]))
-    return nodes
-
-
-def _scaled_bias(node: gs.Node) -> gs.Tensor:
-    bias, beta = node.inputs[2], float(node.attrs.get("beta", 1.0))
-    if beta == 1.0:
-        return bias
-    return gs.Constant(f"{bias.name}.beta", (np.asarray(bias.values) * beta).astype(bias.dtype))
-
-
-def _layer_stats(op: str, matrix: np.ndarray, quantized: QuantizedWeight, gram: np.ndarray | None) -> dict:
-    recon = quantized.dequantize()
-    stats = {
-        "op": op,
-        "shape": list(matrix.shape),
-        "bits": quantized.bits,
-        "group_size": quantized.group_size,
-        "bytes": quantized.nbytes,
-        "weight_sqnr_db": round(error_metrics(matrix, recon)["sqnr_db"], 2),
-    }
-    if gram is not None:
-        stats.update(_output_error(matrix.astype(np.float64), recon.astype(np.float64), gram))
-    return stats
-
-
-def _output_error(weight: np.ndarray, recon: np.ndarray, gram: np.ndarray) -> dict:
-    """SQNR and cosine of the layer output ``X W^T`` over all calibration rows, from ``X^T X``."""
-    weight_gram = weight @ gram
-    recon_gram = recon @ gram
-    signal = float((weight_gram * weight).sum())
-    cross = float((weight_gram * recon).sum())
-    recon_energy = float((recon_gram * recon).sum())
-    noise = max(signal - 2 * cross + recon_energy, 0.0)
-    cosine = cross / np.sqrt(max(signal * recon_energy, 1e-300))
-    sqnr = float("inf") if noise <= 0 else 10 * np.log10(max(signal, 1e-300) / noise)
-    return {"output_sqnr_db": round(sqnr, 2), "output_cosine": round(cosine, 6)}
+        rewrite(model, node, quantized, constants, self.name)
+        return layer_stats(node.op, matrix, quantized, gram)

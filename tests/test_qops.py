@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from qcompile.ir import qops
+from qcompile.ir import formats, qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import quantize_int
 from qcompile.ir.runtime import make_session
@@ -84,3 +84,74 @@ def test_functions_are_regenerated_not_duplicated():
                                [1, 16], [x])
     proto = Model.from_proto(Model.from_proto(model.to_proto()).to_proto()).to_proto()
     assert [f.name for f in proto.functions] == ["QMatMul"]
+
+
+class _HalfFormat(formats.WeightFormat):
+    """A second format (float16 rows) to check that formats mix in one model."""
+
+    name = "test_half"
+    inputs = ("half",)
+    attributes = ("format",)
+
+    def node_attributes(self, weight):
+        return {"format": self.name}
+
+    def constants(self, prefix, weight):
+        return [gs.Constant(f"{prefix}.half", weight.values)]
+
+    def from_arrays(self, attrs, arrays):
+        return _HalfWeight(arrays[0])
+
+    def check(self, attrs, arrays):
+        return None if arrays[0].dtype == np.float16 else "not float16"
+
+    def decode(self, body, inputs):
+        return body.op("Cast", inputs[0], to=1)
+
+
+class _HalfWeight:
+    format, bits, group_size = "test_half", 16, 0
+
+    def __init__(self, values):
+        self.values = values
+        self.cols = values.shape[1]
+        self.rows = values.shape[0]
+        self.nbytes = values.nbytes
+
+    def dequantize(self):
+        return self.values.astype(np.float32)
+
+
+def test_formats_mix_in_one_model_through_function_overloads():
+    half_format = formats.register(_HalfFormat())
+    try:
+        rng = np.random.default_rng(0)
+        table = rng.standard_normal((10, 16)).astype(np.float16)
+        half = _HalfWeight(table)
+        matrix = quantize_int(rng.standard_normal((6, 16)).astype(np.float32), 4, 16)
+        ids, hidden, y = gs.Variable("ids", np.int64, [2, 3]), gs.Variable("h", np.float32), gs.Variable(
+            "y", np.float32, [2, 3, 6])
+        gather = gs.Node("QGather", "emb", qops.format_attributes(half),
+                         qops.layer_inputs("QGather", ids, qops.weight_constants("emb", half)), [hidden],
+                         domain=qops.DOMAIN)
+        matmul = gs.Node("QMatMul", "fc", qops.format_attributes(matrix),
+                         qops.layer_inputs("QMatMul", hidden, qops.weight_constants("fc", matrix)), [y],
+                         domain=qops.DOMAIN)
+        model = Model(gs.Graph(nodes=[gather, matmul], inputs=[ids], outputs=[y], opset=17))
+        verify(model)
+        proto = model.to_proto()
+        assert sorted((f.name, f.overload) for f in proto.functions) == [("QGather", "test_half"),
+                                                                         ("QMatMul", "int")]
+        again = Model.from_proto(proto)
+        assert isinstance(qops.read_weight(again.graph.nodes[0]), _HalfWeight)
+        feed = rng.integers(0, 10, (2, 3))
+        (out,) = make_session(again).run(None, {"ids": feed})
+        np.testing.assert_allclose(out, table.astype(np.float32)[feed] @ matrix.dequantize().T, rtol=1e-5,
+                                   atol=1e-5)
+    finally:
+        del formats.FORMATS[half_format.name]
+
+
+def test_unknown_format_is_named():
+    with pytest.raises(ValueError, match="unknown quantized-weight format 'nope'"):
+        formats.format_named("nope")
