@@ -55,6 +55,9 @@ QCOMPILE_SETTINGS = [
     "quant(bits=3)",
     "quant(bits=3,method=gptq)",
     "quant(bits=2,method=gptq)",
+    "split,quant(bits=3,method=gptq)",
+    "split,fold,quant(bits=3,method=gptq)",
+    "split,quant(bits=2,method=gptq)",
     "fold,quant(bits=8,act_bits=8)",
     "fold,quant(bits=6,act_bits=6,method=gptq)",
     "fold,quant(bits=4,act_bits=8,method=gptq)",
@@ -68,6 +71,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["all", "qcompile", "ort"], default="all")
     parser.add_argument("--out", default="out/bench-minilm", help="folder for the built models")
     parser.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--settings", nargs="+", metavar="PIPELINE",
+                        help="qcompile pipelines to run instead of the default list")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -86,7 +91,7 @@ def main() -> int:
             path = build(fp32, out / (re.sub(r"\W+", "_", label.lower()) + ".onnx"))
             rows.append((label, path, make_session(path), file_mb(path), time.perf_counter() - started))
     if args.only in ("all", "qcompile"):
-        for spec in QCOMPILE_SETTINGS:
+        for spec in args.settings or QCOMPILE_SETTINGS:
             started = time.perf_counter()
             result = qcompile.compile(fp32, passes=spec, calib=calib, output=out / re.sub(r"\W+", "_", spec))
             seconds = time.perf_counter() - started

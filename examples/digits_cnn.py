@@ -2,9 +2,10 @@
 
 Trains a small Conv + BatchNorm network on the 8x8 digits (1797 real images, seconds on
 a CPU), exports it to ONNX, and prints test accuracy and size for the FP32 model and for
-qcompile's ``fold`` (BatchNorm folded into the convolutions: exact) and ``quant`` at 8, 4,
-3 and 2 bits (RTN and GPTQ; Conv layers keep RTN), so the Conv + BatchNorm path runs on
-real data.
+qcompile's ``fold`` (BatchNorm folded into the convolutions: exact), ``split`` (SplitQuant,
+each Conv filter clustered on its own; after ``fold``, since BatchNorm folds into a single
+Conv) and ``quant`` at 8, 4, 3 and 2 bits (RTN and GPTQ; Conv layers keep RTN), so the
+Conv + BatchNorm path runs on real data.
 
     python examples/digits_cnn.py [--epochs 30] [--out out/digits]
 """
@@ -36,6 +37,11 @@ SETTINGS = [
     "fold,quant(bits=3)",
     "fold,quant(bits=3,method=gptq)",
     "fold,quant(bits=2,method=gptq)",
+    "fold,quant(bits=2,group_size=0)",
+    "fold,split,quant(bits=4)",
+    "fold,split,quant(bits=3,method=gptq)",
+    "fold,split,quant(bits=2,method=gptq)",
+    "fold,split,quant(bits=2,group_size=0)",
     "fold,quant(bits=8,act_bits=8)",
 ]
 

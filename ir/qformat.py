@@ -281,29 +281,13 @@ class IntFormat(WeightFormat):
         return None
 
     def decode(self, body: FunctionBody, inputs: Sequence[str]) -> str:
-        """Packed codes ``[R, P]`` to the float matrix ``[R, cols]``.
-
-        Code ``i`` of a run of 8 starts at bit ``i*bits``: byte ``j = i*bits // 8``,
-        offset ``o = i*bits % 8``; ``code = ((b[j] + 256*b[j+1]) // 2**o) % 2**bits``.
-        """
+        """Packed codes ``[R, P]`` to the float matrix ``[R, cols]``."""
         packed, scales, zero_points = inputs
-        bits = body.attr_const("bits")
         group_size = body.attr_const("group_size")
         cols = body.attr_const("cols")
         zero, one, minus_one = body.const([0]), body.const([1]), body.const([-1])
-        two, eight = body.const(2), body.const(8)
         rows = body.op("Slice", body.op("Shape", packed), zero, one)
-        bits_1d = body.op("Unsqueeze", bits, zero)
-        runs = body.op("Reshape", packed, body.op("Concat", rows, minus_one, bits_1d, axis=0))
-        runs = body.op("Cast", runs, to=TensorProto.INT64)
-        runs = body.op("Pad", runs, body.const([0, 0, 0, 0, 0, 1]))  # a zero byte after each run
-        bit_offsets = body.op("Mul", body.op("Range", body.const(0), eight, body.const(1)), bits)
-        first_byte = body.op("Div", bit_offsets, eight)
-        low = body.op("Gather", runs, first_byte, axis=2)
-        high = body.op("Gather", runs, body.op("Add", first_byte, body.const(1)), axis=2)
-        window = body.op("Add", low, body.op("Mul", high, body.const(256)))
-        shifted = body.op("Div", window, body.op("Pow", two, body.op("Mod", bit_offsets, eight)))
-        codes = body.op("Mod", shifted, body.op("Pow", two, bits))
+        codes = decode_codes(body, packed, body.attr_const("bits"))
         group_1d = body.op("Unsqueeze", group_size, zero)
         codes = body.op("Reshape", codes, body.op("Concat", rows, minus_one, group_1d, axis=0))
         centred = body.op(
@@ -316,6 +300,27 @@ class IntFormat(WeightFormat):
         )
         flat = body.op("Reshape", values, body.op("Concat", rows, minus_one, axis=0))
         return body.op("Slice", flat, zero, body.op("Unsqueeze", cols, zero), one)
+
+
+def decode_codes(body: FunctionBody, packed: str, bits: str) -> str:
+    """Nodes unpacking ``packed`` ``[R, P]`` into int64 codes ``[R, P*8/bits/8, 8]`` (runs of 8).
+
+    Code ``i`` of a run of 8 starts at bit ``i*bits``: byte ``j = i*bits // 8``,
+    offset ``o = i*bits % 8``; ``code = ((b[j] + 256*b[j+1]) // 2**o) % 2**bits``.
+    """
+    zero, one, minus_one = body.const([0]), body.const([1]), body.const([-1])
+    two, eight = body.const(2), body.const(8)
+    rows = body.op("Slice", body.op("Shape", packed), zero, one)
+    runs = body.op("Reshape", packed, body.op("Concat", rows, minus_one, body.op("Unsqueeze", bits, zero), axis=0))
+    runs = body.op("Cast", runs, to=TensorProto.INT64)
+    runs = body.op("Pad", runs, body.const([0, 0, 0, 0, 0, 1]))  # a zero byte after each run
+    bit_offsets = body.op("Mul", body.op("Range", body.const(0), eight, body.const(1)), bits)
+    first_byte = body.op("Div", bit_offsets, eight)
+    low = body.op("Gather", runs, first_byte, axis=2)
+    high = body.op("Gather", runs, body.op("Add", first_byte, body.const(1)), axis=2)
+    window = body.op("Add", low, body.op("Mul", high, body.const(256)))
+    shifted = body.op("Div", window, body.op("Pow", two, body.op("Mod", bit_offsets, eight)))
+    return body.op("Mod", shifted, body.op("Pow", two, bits))
 
 
 INT = register(IntFormat())

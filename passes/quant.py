@@ -21,6 +21,7 @@ layers of the same kind is quantized once and shared.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,14 +31,17 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import UsageError
 from qcompile.ir import qops
+from qcompile.ir.formats import Weight
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import QuantizedWeight, quantize_int
 
 from .actquant import activation_range, insert_qdq
 from .base import Pass, PassResult, matches_any, option
+from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .split import GROUPS_KEY, SplitGroup, resolve_groups, split_groups
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +98,35 @@ class Quant(Pass):
         reason = self.needs_calibration()
         if reason and ctx.calib is None:  # the manager checks first; direct callers get the same error
             raise UsageError(f"{reason}: add --calib FILE")
-        candidates, skipped = self._select(model)
-        linear_inputs = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
-        act_inputs = [n.inputs[0].name for n in candidates if n.op != "Gather"] if self.act_bits else []
+        groups, broken = resolve_groups(model)
+        in_groups = {part.name for group in groups for part in group.parts}
+        candidates, skipped = self._select(model, exclude=in_groups)
+        skipped.update({name: f"split group quantized part by part: {why}" for name, why in broken.items()})
+        skipped.update({g.name: f"excluded by skip pattern {matches_any(g.name, self.skip)!r}" for g in groups
+                        if matches_any(g.name, self.skip)})
+        groups = [g for g in groups if not matches_any(g.name, self.skip)]
+        leaders = [*candidates, *(group.parts[0] for group in groups)]
+        linear_inputs = [n.inputs[0].name for n in leaders if n.op in ("MatMul", "Gemm")]
+        act_inputs = [n.inputs[0].name for n in leaders if n.op != "Gather"] if self.act_bits else []
         grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
                                             allow_synthetic=self.act_aware)
-        ctx.progress.start(f"{self.name}: layers", len(candidates))
-        shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
+        ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
+        shared: dict[tuple[str, str], tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
         for node in candidates:
             layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
             ctx.progress.advance()
-        activation_quantizers = self._quantize_activations(model, candidates, activations)
-        if candidates:
+        for group in groups:
+            layers[group.name] = self._rewrite_group(model, group, shared, grams.get(group.parts[0].inputs[0].name))
+            ctx.progress.advance()
+        if groups:  # the record only serves to merge the parts; they are merged now
+            remaining = {k: v for k, v in split_groups(model).items() if k not in {g.name for g in groups}}
+            if remaining:
+                model.metadata[GROUPS_KEY] = json.dumps(remaining, sort_keys=True)
+            else:
+                model.metadata.pop(GROUPS_KEY, None)
+        activation_quantizers = self._quantize_activations(model, [*layers], activations)
+        if layers:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {
             "layers": layers,
@@ -117,11 +137,11 @@ class Quant(Pass):
                                      ("calibration" if grams else "none"),
             "activation_quantizers": activation_quantizers,
         }
-        return PassResult(bool(candidates), stats)
+        return PassResult(bool(layers), stats)
 
-    def _quantize_activations(self, model: Model, rewritten: list[gs.Node], activations: dict) -> dict:
+    def _quantize_activations(self, model: Model, rewritten: list[str], activations: dict) -> dict:
         """One QDQ pair per distinct input of the layers just quantized (Q/K/V share theirs)."""
-        names = {node.name for node in rewritten}
+        names = set(rewritten)
         quantizers = {}
         tensors = model.tensors()
         for tensor_name, rows in activations.items():
@@ -138,11 +158,11 @@ class Quant(Pass):
 
     # -- selection ---------------------------------------------------------------------
 
-    def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
+    def _select(self, model: Model, exclude: set[str]) -> tuple[list[gs.Node], dict[str, str]]:
         chosen, skipped = [], {}
         for node in model.graph.nodes:
             weight = weight_of(node)
-            if weight is None:
+            if weight is None or node.name in exclude:
                 continue
             reason = self._skip_reason(node, weight)
             if reason:
@@ -180,3 +200,24 @@ class Quant(Pass):
         quantized, constants = shared[key]
         rewrite(model, node, quantized, constants, self.name)
         return layer_stats(node.op, matrix, quantized, gram)
+
+    def _rewrite_group(self, model: Model, group: SplitGroup, shared: dict, gram_rows: tuple | None) -> dict:
+        """One ``cluster``-format op for the parts of a split layer (see :mod:`.cluster_quant`)."""
+        matrices = [layer_matrix(part)[0] for part in group.parts]
+        matrix = np.sum(matrices, axis=0)
+        nonzero = np.stack([m != 0 for m in matrices])
+        ids = np.where(nonzero.any(axis=0), nonzero.argmax(axis=0), group.k // 2).astype(np.uint8)
+        gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
+        quantized = quantize_split(matrix, ids, k=group.k, bits=self.bits, group_size=max(self.group_size, 0),
+                                   gram=gram, gptq=self.method == "gptq", damp=self.damp,
+                                   act_order=self.act_order, clip_search=self.clip_search)
+        constants = qops.weight_constants(layer_matrix(group.parts[0])[2], quantized)
+        shared[("split", group.name)] = (quantized, constants)
+        template, output = group.parts[0], group.output
+        for node in (*group.parts[1:], *group.sums):
+            node.inputs.clear()
+            node.outputs.clear()
+        template.outputs = [output]
+        template.name = group.name
+        rewrite(model, template, quantized, constants, self.name)
+        return {**layer_stats(template.op, matrix, quantized, gram), "split": group.k}

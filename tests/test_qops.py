@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from qcompile.ir import formats, qops
+from qcompile.ir import cluster, formats, qops
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import quantize_int
 from qcompile.ir.runtime import make_session
@@ -155,3 +155,28 @@ def test_formats_mix_in_one_model_through_function_overloads():
 def test_unknown_format_is_named():
     with pytest.raises(ValueError, match="unknown quantized-weight format 'nope'"):
         formats.format_named("nope")
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_cluster_format_reference_matches_numpy(k, bits, group_size):
+    rng = np.random.default_rng(k * 10 + bits)
+    matrix = rng.standard_normal((12, 37)).astype(np.float32)
+    ids = rng.integers(0, k, (12, 37)).astype(np.uint8)
+    weight = cluster.quantize_cluster(matrix, ids, k, bits, group_size)
+    x = gs.Variable("x", np.float32, [3, 37])
+    model = _single_node_model("QMatMul", qops.format_attributes(weight),
+                               qops.layer_inputs("QMatMul", x, qops.weight_constants("w", weight)), [3, 12], [x])
+    feed = rng.standard_normal((3, 37)).astype(np.float32)
+    (out,) = make_session(Model.from_proto(model.to_proto())).run(None, {"x": feed})
+    np.testing.assert_allclose(out, feed @ weight.dequantize().T, rtol=1e-5, atol=1e-5)
+    assert cluster.unpack_clusters(cluster.pack_clusters(ids, k), k, 37).tolist() == ids.tolist()
+
+
+def test_cluster_grids_need_no_zero_in_range():
+    """A cluster of large positive weights is coded on its own narrow grid, offset from zero."""
+    matrix = np.array([[5.0, 5.1, 5.2, 5.3, -0.1, 0.0, 0.1, 0.05]], np.float32)
+    ids = np.array([[1, 1, 1, 1, 0, 0, 0, 0]], np.uint8)
+    weight = cluster.quantize_cluster(matrix, ids, 2, 2, 0)
+    np.testing.assert_allclose(weight.dequantize(), matrix, atol=0.04)  # steps of ~0.07 and 0.1
