@@ -53,12 +53,15 @@ def make_session(model_path: Path, backend: dict, *, providers: list[str] | None
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(
-        str(model_path),
-        options,
-        providers=providers or ["CPUExecutionProvider"],
-        disabled_optimizers=list(backend.get("disabled_optimizers", [])),
-    )
+    try:
+        return ort.InferenceSession(
+            str(model_path),
+            options,
+            providers=providers or ["CPUExecutionProvider"],
+            disabled_optimizers=list(backend.get("disabled_optimizers", [])),
+        )
+    except Exception as exc:  # ORT's own exception types
+        raise BackendError(f"ONNX Runtime cannot load the artifact: {runtime.ort_message(exc)}") from None
 
 
 def providers_for(target: str) -> list[str]:

@@ -71,6 +71,23 @@ def layer_inputs(op: str, activation: gs.Tensor, weight: list[gs.Tensor], bias: 
     return [activation, *weight]
 
 
+def describe(node: gs.Node) -> dict:
+    """The format and its descriptive attributes (``bits``, ``group_size``, ``sym``, ``k``...)."""
+    fmt = node_format(node)
+    described = {"format": fmt.name}
+    described.update({name: node.attrs[name] for name in fmt.attributes if name not in ("format", "cols")
+                      and name in node.attrs})
+    return described
+
+
+def same_weight(a: gs.Node, b: gs.Node) -> bool:
+    """Whether two quantized nodes store the same weight (format, attributes and bytes)."""
+    if describe(a) != describe(b):
+        return False
+    return all(np.array_equal(np.asarray(x.values), np.asarray(y.values))
+               for x, y in zip(weight_inputs(a), weight_inputs(b), strict=True))
+
+
 def read_weight(node: gs.Node) -> Weight:
     """The quantized weight a node holds."""
     arrays = [np.asarray(tensor.values) for tensor in weight_inputs(node)]

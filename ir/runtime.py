@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from qcompile.errors import ExecutionError, UnsupportedModelError
 
 from .model import Model
 
@@ -53,8 +56,18 @@ def make_session(
 
 
 def _session(model: str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(SEMANTICS_CHANGING_OPTIMIZERS))
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(SEMANTICS_CHANGING_OPTIMIZERS))
+    except Exception as exc:  # ORT's own exception types (Fail, InvalidGraph, NotImplemented, ...)
+        raise UnsupportedModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
+
+
+def ort_message(exc: BaseException) -> str:
+    """The informative first line of an ONNX Runtime exception."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text[:300] or type(exc).__name__
 
 
 def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -70,7 +83,11 @@ def run_batches(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndar
     outputs: dict[str, list[np.ndarray]] = {}
     names = names or [o.name for o in session.get_outputs()]
     for feed in feeds:
-        for name, value in zip(names, session.run(names, feed), strict=True):
+        try:
+            values = session.run(names, feed)
+        except Exception as exc:  # ORT's own exception types
+            raise ExecutionError(f"ONNX Runtime failed running the model: {ort_message(exc)}") from None
+        for name, value in zip(names, values, strict=True):
             outputs.setdefault(name, []).append(np.asarray(value))
     return {name: _concat(values) for name, values in outputs.items()}
 

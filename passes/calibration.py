@@ -4,6 +4,11 @@ Sources: ``samples.npz`` (arrays named by model input, first axis = samples), a
 folder of ``<input name>.npy`` files, or ``random:N`` (synthetic; real data is
 better and a warning says so). Every array is checked against the model input of
 the same name: name, dtype, rank and every fixed dimension.
+
+Axis 0 is the model input's own (batch) axis when the array has the input's rank: a
+sample is ``array[i:i+1]``. When the array has one axis more, whole inputs are stacked
+on a new axis 0 and a sample is ``array[i]`` — the only way to give samples to inputs
+without a batch axis (scalars, or a fixed first dimension such as ``[5, 3]``).
 """
 
 from __future__ import annotations
@@ -32,17 +37,21 @@ class CalibrationSet:
     arrays: dict[str, np.ndarray]
     source: str
     synthetic: bool = False
+    stacked: frozenset[str] = frozenset()  # inputs whose samples are stacked on a new axis 0
 
     @property
     def n_samples(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
 
     def head(self, n: int) -> CalibrationSet:
-        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source, self.synthetic)
+        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source, self.synthetic, self.stacked)
 
     def batches(self, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, self.n_samples, batch_size):
-            yield {name: value[start : start + batch_size] for name, value in self.arrays.items()}
+        """Feeds of ``batch_size`` samples (one at a time when some input has no batch axis)."""
+        step = 1 if self.stacked else batch_size
+        for start in range(0, self.n_samples, step):
+            yield {name: value[start] if name in self.stacked else value[start : start + step]
+                   for name, value in self.arrays.items()}
 
 
 def load_calibration(spec: str | Path | dict | CalibrationSet, model: Model, *, seed: int = 0) -> CalibrationSet:
@@ -108,27 +117,33 @@ def check_calibration(calib: CalibrationSet, model: Model) -> None:
     counts = {name: a.shape[0] if a.ndim else 0 for name, a in calib.arrays.items()}
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise CalibrationError(f"{where}: every array needs the same, non-zero number of samples on axis 0 ({counts})")
-    for name, tensor in inputs.items():
-        _check_array(where, name, calib.arrays[name], tensor)
+    stacked = {name for name, tensor in inputs.items() if _check_array(where, name, calib.arrays[name], tensor)}
+    calib.stacked = frozenset(stacked)
 
 
-def _check_array(where: str, name: str, array: np.ndarray, tensor: gs.Variable) -> None:
+def _check_array(where: str, name: str, array: np.ndarray, tensor: gs.Variable) -> bool:
+    """Check one array; True when its samples are whole inputs stacked on a new axis 0."""
     expected = np.dtype(tensor.dtype) if tensor.dtype is not None else array.dtype
     if array.dtype != expected:
         raise CalibrationError(f"{where}: {name} is {array.dtype}, the model expects {expected}")
     shape = list(tensor.shape or [])
-    if tensor.shape is not None and array.ndim != len(shape):
+    stacked = tensor.shape is not None and array.ndim == len(shape) + 1
+    if tensor.shape is not None and array.ndim != len(shape) and not stacked:
         raise CalibrationError(
             f"{where}: {name} has rank {array.ndim}, the model expects rank {len(shape)} "
-            f"(axis 0 = samples, then the input's other dims: {_format_shape(shape)})"
+            f"(axis 0 = samples, then the input's other dims: {_format_shape(shape)}), or rank {len(shape) + 1} "
+            f"(whole inputs stacked on a new axis 0)"
         )
-    for axis, dim in enumerate(shape[1:], start=1):
+    first = 0 if stacked else 1
+    for axis, dim in enumerate(shape[first:], start=1):
         if isinstance(dim, int) and dim > 0 and array.shape[axis] != dim:
             raise CalibrationError(
                 f"{where}: {name} has shape {list(array.shape)}, the model expects {_format_shape(shape)}"
+                + (" per sample (whole inputs stacked on axis 0)" if stacked else "")
             )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise CalibrationError(f"{where}: {name} contains NaN or Inf")
+    return stacked
 
 
 def _format_shape(shape: list) -> str:
@@ -139,11 +154,16 @@ def random_calibration(model: Model, n: int, *, seed: int = 0) -> CalibrationSet
     """Synthetic samples: token ids within the embedding table, masks of ones, N(0,1) floats."""
     rng = np.random.default_rng(seed)
     arrays = {}
+    stacked = set()
     for tensor in model_inputs(model):
-        shape = [n] + [d if isinstance(d, int) and d > 0 else DEFAULT_DYNAMIC_DIM for d in (tensor.shape or [1])[1:]]
+        dims = list(tensor.shape) if tensor.shape is not None else [1]
+        if not dims or (isinstance(dims[0], int) and dims[0] > 1):  # no batch axis: stack whole inputs
+            stacked.add(tensor.name)
+            dims = [n, *dims]
+        shape = [n] + [d if isinstance(d, int) and d > 0 else DEFAULT_DYNAMIC_DIM for d in dims[1:]]
         dtype = np.dtype(tensor.dtype or np.float32)
         arrays[tensor.name] = _random_array(model, tensor, shape, dtype, rng)
-    return CalibrationSet(arrays, f"random:{n}", synthetic=True)
+    return CalibrationSet(arrays, f"random:{n}", synthetic=True, stacked=frozenset(stacked))
 
 
 def _random_array(model: Model, tensor: gs.Variable, shape: list[int], dtype: np.dtype, rng) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompile.errors import ExecutionError
 from qcompile.ir import runtime
 from qcompile.ir.model import Model
 
@@ -107,7 +108,17 @@ class PassContext:
             session = runtime.make_session(model, extra_outputs=chunk)
             collected: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
             for feed in samples.batches(1):
-                for name, value in zip(chunk, session.run(chunk, feed), strict=True):
+                try:
+                    values = session.run(chunk, feed)
+                except Exception as exc:  # ORT's own exception types
+                    message = runtime.ort_message(exc)
+                    if not samples.synthetic:
+                        raise ExecutionError(f"ONNX Runtime failed on the calibration data ({samples.source}): "
+                                             f"{message}") from None
+                    log.warning("no activation statistics: synthetic inputs are not valid for this model (%s)",
+                                message)
+                    return
+                for name, value in zip(chunk, values, strict=True):
                     value = np.asarray(value)
                     collected[name].append(value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1))
             yield chunk, collected

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.errors import UsageError, VerificationError
+from qcompile.errors import ExecutionError, UsageError, VerificationError
 from qcompile.ir import runtime
 from qcompile.ir.model import Model
 from qcompile.ir.verify import verify
@@ -80,6 +80,7 @@ class PassManager:
         self.eval_samples = eval_samples
         self.reference_outputs: dict[str, np.ndarray] | None = None  # FP32 input model
         self.final_outputs: dict[str, np.ndarray] | None = None  # after the last pass
+        self.unmeasured: str | None = None  # why output errors could not be measured
 
     def run(self, model: Model, ctx: PassContext,
             on_pass: Callable[[int, Pass], None] | None = None,
@@ -118,10 +119,19 @@ class PassManager:
         return current, records
 
     def _outputs(self, model: Model) -> dict[str, np.ndarray] | None:
-        if self.eval_samples is None:
+        """Outputs on the evaluation samples; None when there are none, or when synthetic samples
+        are not valid inputs (shape tensors, sequence lengths...): then errors go unmeasured."""
+        if self.eval_samples is None or self.unmeasured:
             return None
         session = runtime.make_session(model)
-        return runtime.run_batches(session, self.eval_samples.batches(1))
+        try:
+            return runtime.run_batches(session, self.eval_samples.batches(1))
+        except ExecutionError as exc:
+            if not self.eval_samples.synthetic:
+                raise ExecutionError(f"on the calibration data ({self.eval_samples.source}): {exc}") from None
+            self.unmeasured = f"synthetic inputs are not valid for this model ({exc}); give --calib to measure"
+            log.warning("output errors not measured: %s", self.unmeasured)
+            return None
 
     @staticmethod
     def _check_exact(pass_: Pass, before: dict, after: dict) -> None:

@@ -143,6 +143,8 @@ def _title(source: Any) -> str:
 def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: CalibrationSet) -> dict:
     """Output error of the emitted model vs the FP32 input and vs the IR's reference semantics."""
     session = ort_backend.make_session(folder / backend["model_file"], backend)
+    if manager.reference_outputs is None:
+        return {"not_measured": manager.unmeasured or "no evaluation samples"}
     emitted = run_batches(session, samples.batches(1))
     return {
         "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),
@@ -162,10 +164,7 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
         weight = qops.read_weight(node)
         layers[node.name] = {
             "op": node.op,
-            "format": node.attrs["format"],
-            "bits": weight.bits,
-            "group_size": weight.group_size,
-            "sym": weight.sym,
+            **qops.describe(node),
             "shape": [weight.rows, weight.cols],
             "bytes": weight.nbytes,
             "kernel": backend_section["kernels"].get(node.name, node.op),

@@ -225,16 +225,13 @@ def _quantized_changes(before: Model, after: Model) -> list[dict[str, Any]]:
     for node in after.quantized_nodes():
         weight = qops.read_weight(node)
         entry: dict[str, Any] = {
-            "node": node.name, "op": node.op, "format": str(node.attrs.get("format", "int")),
-            "bits": weight.bits, "group_size": weight.group_size, "sym": weight.sym,
+            "node": node.name, "op": node.op, **qops.describe(node),
             "shape": [weight.rows, weight.cols], "bytes": weight.nbytes,
         }
         old = old_nodes.get(node.name)
         if old is not None and qops.is_quantized(old):
             previous = qops.read_weight(old)
-            if (previous.bits, previous.group_size, old.attrs.get("format")) == (
-                    weight.bits, weight.group_size, node.attrs.get("format")) and np.array_equal(
-                    previous.packed, weight.packed) and np.array_equal(previous.scales, weight.scales):
+            if qops.same_weight(old, node):
                 continue
             entry["was"] = f"{old.op} {old.attrs.get('format', 'int')}{previous.bits} g{previous.group_size}"
             entry["weight_sqnr_db"] = _weight_sqnr(previous.dequantize(), weight)

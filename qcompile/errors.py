@@ -53,3 +53,9 @@ class BackendError(QCompileError):
     """A backend could not emit or run the artifact."""
 
     exit_code = 1
+
+
+class ExecutionError(QCompileError):
+    """ONNX Runtime failed running the model on the given inputs."""
+
+    exit_code = 2

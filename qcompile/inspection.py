@@ -119,16 +119,14 @@ def _quantized_row(node: gs.Node, counted: set[str]) -> dict[str, Any]:
     weight = qops.read_weight(node)
     shape = ([int(d) for d in node.attrs["weight_shape"]] if node.op == "QConv" and "weight_shape" in node.attrs
              else [weight.rows, weight.cols])
-    first = 0 if node.op == "QGather" else 1
-    names = [t.name for t in node.inputs[first : first + 1] + node.inputs[2:4]]
+    names = [t.name for t in qops.weight_inputs(node)]
     row = {
         "op": node.op,
         "shape": shape,
         "params": int(np.prod(shape)),
-        "format": str(node.attrs.get("format", "int")),
-        "bits": weight.bits,
         "group_size": weight.group_size,
-        "sym": weight.sym,
+        "sym": bool(node.attrs.get("sym", 0)),
+        **qops.describe(node),
         "bytes": weight.nbytes if not counted.intersection(names) else 0,
     }
     counted.update(names)

@@ -37,7 +37,7 @@ def test_npz_and_npy_folder(tmp_path, model):
     [
         ({"x": _ids()}, r"missing ids; unknown x; model inputs: ids"),
         ({"ids": _ids(dtype=np.int32)}, "ids is int32, the model expects int64"),
-        ({"ids": _ids()[:, :, None]}, "ids has rank 3, the model expects rank 2"),
+        ({"ids": _ids()[:, :, None]}, r"ids has shape \[5, 4, 1\], the model expects \[\?, 4\] per sample"),
         ({"ids": _ids(width=5)}, r"ids has shape \[5, 5\], the model expects \[\?, 4\]"),
     ],
 )
