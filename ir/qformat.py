@@ -157,10 +157,14 @@ def _codes_for(groups: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, 
 
 def _column_weight(cols: int, group_size: int, importance: np.ndarray | None) -> np.ndarray:
     """``[n_groups, group_size]`` weights of each column in the range search (0 on padding)."""
-    values = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
+    values = np.ones(cols) if importance is None else np.asarray(importance, np.float64)
     if values.shape != (cols,):
         raise ValueError(f"importance has shape {values.shape}, expected ({cols},)")
-    values = (np.nan_to_num(np.maximum(values, 0.0)) + 1e-8).astype(np.float32)
+    values = np.nan_to_num(np.maximum(values, 0.0), posinf=0.0)
+    peak = float(values.max()) if values.size else 0.0
+    # relative weights (any positive scale gives the same search): float32-safe for huge activations
+    values = (values / peak if peak > 0 else np.ones(cols)) + 1e-8
+    values = values.astype(np.float32)
     padded, _ = _grouped(values[None, :], group_size)
     return padded[0]
 
