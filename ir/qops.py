@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from . import qformat  # noqa: F401  (registers the int format)
+from . import bcq, qformat  # noqa: F401  (register the bcq and int formats)
 from .formats import FunctionBody, Weight, WeightFormat, format_named, format_of
 
 DOMAIN = "qcompile"

@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
     "fold": "qcompile.passes.fold:Fold",
     "quant": "qcompile.passes.quant:Quant",
+    "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
 }
 
 

@@ -119,8 +119,7 @@ def _quantized_row(node: gs.Node, counted: set[str]) -> dict[str, Any]:
     weight = qops.read_weight(node)
     shape = ([int(d) for d in node.attrs["weight_shape"]] if node.op == "QConv" and "weight_shape" in node.attrs
              else [weight.rows, weight.cols])
-    first = 0 if node.op == "QGather" else 1
-    names = [t.name for t in node.inputs[first : first + 1] + node.inputs[2:4]]
+    names = [t.name for t in qops.weight_inputs(node)]
     row = {
         "op": node.op,
         "shape": shape,
@@ -196,11 +195,10 @@ def size_breakdown(model: Model) -> dict[str, int]:
     kinds: dict[str, str] = {}
     for node in model.graph.nodes:
         if qops.is_quantized(node):
-            first = 0 if node.op == "QGather" else 1
-            packed, scales, zero_points = node.inputs[first], node.inputs[2], node.inputs[3]
+            packed, *parameters = qops.weight_inputs(node)  # e.g. scales + zero points, or bcq alphas
             embedding = node.op in EMBEDDING_OPS
             kinds.setdefault(packed.name, "embeddings" if embedding else "packed")
-            for tensor in (scales, zero_points):
+            for tensor in parameters:
                 kinds.setdefault(tensor.name, "embeddings" if embedding else "scales_zero_points")
         elif node.op == "Gather" and float_weight(node) is not None:
             kinds.setdefault(node.inputs[0].name, "embeddings")
