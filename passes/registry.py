@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
+    "bits": "qcompile.passes.bits:Bits",
     "fold": "qcompile.passes.fold:Fold",
     "quant": "qcompile.passes.quant:Quant",
     "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
