@@ -3,7 +3,8 @@
 For every setting: MB on disk (the whole artifact for qcompile), mean and min cosine of
 mean-pooled sentence embeddings against FP32 on real English sentences (eval split;
 calibration uses other sentences), compile time, and for multiplication-less settings the
-estimated energy per inference of the linear layers (:mod:`qcompile.ir.energy`).
+estimated energy per token of the linear layers (:mod:`qcompile.ir.energy`, 45 nm unit
+costs) relative to FP32 and FP16 multiply-adds.
 
     python benchmarks/shiftadd_minilm.py [--sentences 256] [--settings "shiftadd(bits=3)" ...]
 """
@@ -27,6 +28,8 @@ from ort_baselines import cosine_rows, embed, file_mb, make_session, ort_matmuln
 import qcompile  # noqa: E402
 from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize  # noqa: E402
 from qcompile.frontends.text import english_sentences  # noqa: E402
+from qcompile.ir import io  # noqa: E402
+from qcompile.ir.energy import PJ, model_energy  # noqa: E402
 
 ORT_SETTINGS = [
     ("ORT MatMulNBits HQQ 4-bit g32", lambda src, dst: ort_matmulnbits(src, dst, 4, algo="hqq")),
@@ -65,16 +68,17 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     reference = embed(make_session(fp32), evals)
 
-    print("| setting | MB | mean cos | min cos | build s | energy vs FP32 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| ONNX Runtime FP32 | {file_mb(fp32):.1f} | 1.0000 | 1.0000 | 0 | 1.00 |", flush=True)
+    print("| setting | MB | mean cos | min cos | build s | energy vs FP32 | vs FP16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    fp32_vs_fp16 = (PJ["fp32_mul"] + PJ["fp32_add"]) / (PJ["fp16_mul"] + PJ["fp16_add"])
+    print(f"| ONNX Runtime FP32 | {file_mb(fp32):.1f} | 1.0000 | 1.0000 | 0 | 1.000 | {fp32_vs_fp16:.3f} |", flush=True)
     if not args.no_ort:
         for label, build in ORT_SETTINGS:
             started = time.perf_counter()
             path = build(fp32, out / (re.sub(r"\W+", "_", label.lower()) + ".onnx"))
             seconds = time.perf_counter() - started
             cos = cosine_rows(embed(make_session(path), evals), reference)
-            print(f"| {label} | {file_mb(path):.1f} | {cos.mean():.4f} | {cos.min():.4f} | {seconds:.0f} | - |",
+            print(f"| {label} | {file_mb(path):.1f} | {cos.mean():.4f} | {cos.min():.4f} | {seconds:.0f} | - | - |",
                   flush=True)
     cosines = []
     for spec in args.settings or QCOMPILE_SETTINGS:
@@ -83,19 +87,18 @@ def main() -> int:
         seconds = time.perf_counter() - started
         cos = cosine_rows(embed(qcompile.load(result.path).session, evals), reference)
         cosines.append(cos)
-        energy = _energy_ratio(result)
+        energy = _energy(result)
         print(f"| qcompile {spec} | {result.manifest['sizes']['artifact_bytes'] / 1e6:.1f} | {cos.mean():.4f} | "
               f"{cos.min():.4f} | {seconds:.0f} | {energy} |", flush=True)
     return 0 if all(np.isfinite(c).all() for c in cosines) else 1
 
 
-def _energy_ratio(result) -> str:
-    try:
-        from qcompile.ir.energy import model_energy
-    except ImportError:
-        return "-"
-    estimate = model_energy(result.manifest, tokens=64)
-    return f"{estimate['ratio']:.3f}" if estimate["ratio"] is not None else "-"
+def _energy(result) -> str:
+    """Linear layers' energy per token vs FP32 and FP16 (shift-add settings only)."""
+    if not any(layer["format"] == "bcq" for layer in result.manifest["layers"].values()):
+        return "- | -"
+    estimate = model_energy(io.load(Path(result.path) / result.manifest["backend"]["model_file"]))
+    return f"{estimate['ratio']:.3f} | {estimate['ratio_fp16']:.3f}"
 
 
 if __name__ == "__main__":
