@@ -74,11 +74,12 @@ def _float_weight(node: gs.Node) -> tuple[int, int] | None:
     """(rows, cols) of a float MatMul/Gemm with a constant 2-D weight."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return None
-    shape = node.inputs[1].shape or ()
+    shape = list(node.inputs[1].shape or ())
     if len(shape) != 2:
         return None
-    cols, rows = shape if node.op == "MatMul" or not node.attrs.get("transB", 0) else shape[::-1]
-    return int(rows), int(cols)
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return int(shape[0]), int(shape[1])
+    return int(shape[1]), int(shape[0])
 
 
 def model_energy(model: Model) -> dict:
