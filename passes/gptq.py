@@ -11,9 +11,14 @@ Group scales and zero points are fixed before the walk ("static groups": the ran
 search of :func:`qcompile.ir.qformat.quantize_int`, weighted by ``diag(H)``), so the
 stored format is the plain ``int`` format. Rows are independent given ``H``, so they
 are processed in chunks: memory is ``O(cols^2 + row_chunk * cols)``.
+
+The walk itself (:func:`walk_columns`) takes the column quantizer as a function, so other
+quantizers reuse it: ``shiftadd`` fits binary-coded columns inside the same loop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,6 +35,48 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.cholesky(inverse).T
 
 
+def prepare_hessian(weight: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 copies of ``weight`` and ``hessian`` with dead inputs (``H_jj = 0``) neutralised.
+
+    A column no calibration row ever excites gets ``H_jj = 1`` and a zero weight, so the
+    factorisation stays defined and the column costs nothing.
+    """
+    weight = np.asarray(weight, np.float64).copy()
+    hessian = np.asarray(hessian, np.float64).copy()
+    dead = np.diag(hessian) <= 0
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    return weight, hessian
+
+
+ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
+"""``quantize(column, pending) -> values``: ``pending`` holds the (error-compensated) columns
+``column, column+1, ...`` of the current block of the walk (``[rows, k]``, read only); return
+the quantized values of the first of them, ``[rows]``."""
+
+
+def walk_columns(weight: np.ndarray, factor: np.ndarray, quantize: ColumnQuantizer, block_size: int = 128) -> None:
+    """The GPTQ loop over the columns of ``weight`` (in walk order; updated in place).
+
+    Each column is quantized by ``quantize`` after the errors of all earlier columns were fed
+    into it; its error, divided by ``U_jj``, is subtracted from the later columns through row
+    ``j`` of the inverse Hessian's Cholesky factor ``U`` (lazily, once per block of
+    ``block_size`` columns for the columns beyond the block).
+    """
+    cols = weight.shape[1]
+    for begin in range(0, cols, block_size):
+        end = min(begin + block_size, cols)
+        block = weight[:, begin:end].copy()
+        errors = np.empty_like(block)
+        block_factor = factor[begin:end, begin:end]
+        for i in range(end - begin):
+            values = quantize(begin + i, block[:, i:])
+            error = (block[:, i] - values) / block_factor[i, i]
+            block[:, i:] -= np.outer(error, block_factor[i, i:])
+            errors[:, i] = error
+        weight[:, end:] -= errors @ factor[begin:end, end:]
+
+
 def gptq_quantize(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -44,13 +91,9 @@ def gptq_quantize(
     row_chunk: int = 2048,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` ``[rows, cols]`` given ``hessian`` ``[cols, cols]`` (X^T X)."""
-    weight = np.asarray(weight, np.float64).copy()
-    hessian = np.asarray(hessian, np.float64).copy()
+    weight, hessian = prepare_hessian(weight, hessian)
     rows, cols = weight.shape
     group_size = effective_group_size(cols, group_size)
-    dead = np.diag(hessian) <= 0
-    hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
     start = quantize_int(weight.astype(np.float32), bits, group_size, sym=sym, clip_search=clip_search,
                          importance=np.diag(hessian))
     scales = start.scales.astype(np.float64)
@@ -73,21 +116,14 @@ def gptq_quantize(
 
 
 def _walk_columns(weight, scales, zero_points, factor, bits, block_size) -> np.ndarray:
-    """The GPTQ loop over (permuted) columns; returns the codes in the same order."""
+    """GPTQ with the uniform quantizer of fixed group parameters; returns the codes in walk order."""
     qmax = (1 << bits) - 1
-    rows, cols = weight.shape
-    codes = np.empty((rows, cols), np.uint8)
-    for begin in range(0, cols, block_size):
-        end = min(begin + block_size, cols)
-        block = weight[:, begin:end].copy()
-        errors = np.empty_like(block)
-        block_factor = factor[begin:end, begin:end]
-        for i in range(end - begin):
-            column = begin + i
-            q = np.clip(np.round(block[:, i] / scales[:, column]) + zero_points[:, column], 0, qmax)
-            codes[:, column] = q
-            error = (block[:, i] - (q - zero_points[:, column]) * scales[:, column]) / block_factor[i, i]
-            block[:, i:] -= np.outer(error, block_factor[i, i:])
-            errors[:, i] = error
-        weight[:, end:] -= errors @ factor[begin:end, end:]
+    codes = np.empty(weight.shape, np.uint8)
+
+    def quantize(column: int, pending: np.ndarray) -> np.ndarray:
+        q = np.clip(np.round(pending[:, 0] / scales[:, column]) + zero_points[:, column], 0, qmax)
+        codes[:, column] = q
+        return (q - zero_points[:, column]) * scales[:, column]
+
+    walk_columns(weight, factor, quantize, block_size)
     return codes

@@ -41,6 +41,7 @@ from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .plan import planned_bits, read_plan
 from .split import GROUPS_KEY, SplitGroup, resolve_groups, split_groups
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Quant(Pass):
     name: ClassVar[str] = "quant"
     summary: ClassVar[str] = "weight-only uniform quantization (int format), embeddings included"
 
-    bits: int = option(4, "bits per weight", min=2, max=8)
+    bits: int = option(4, "bits per weight; a preceding bits plan overrides it per layer", min=2, max=8)
     group_size: int = option(-1, "weights per scale along the reduction axis; 0 = one per channel; -1 = auto "
                              "(per channel for W8A8, which integer kernels need; else 32)",
                              choices=(-1, 0, 16, 32, 64, 128, 256))
@@ -111,13 +112,17 @@ class Quant(Pass):
         grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
                                             allow_synthetic=self.act_aware)
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
-        shared: dict[tuple[str, str], tuple[Weight, list[gs.Constant]]] = {}
+        shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
+        plan = read_plan(model)
         for node in candidates:
-            layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
+            bits = planned_bits(plan, node.name, self.bits, 2, 8, self.name)
+            layers[node.name] = self._rewrite(model, node, bits, shared, grams.get(node.inputs[0].name))
             ctx.progress.advance()
         for group in groups:
-            layers[group.name] = self._rewrite_group(model, group, shared, grams.get(group.parts[0].inputs[0].name))
+            bits = planned_bits(plan, group.name, self.bits, 2, 8, self.name)
+            layers[group.name] = self._rewrite_group(model, group, bits, shared,
+                                                     grams.get(group.parts[0].inputs[0].name))
             ctx.progress.advance()
         if groups:  # the record only serves to merge the parts; they are merged now
             remaining = {k: v for k, v in split_groups(model).items() if k not in {g.name for g in groups}}
@@ -181,34 +186,36 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
-    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None) -> QuantizedWeight:
+    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None, bits: int) -> QuantizedWeight:
         if self.method == "gptq" and gram is not None:
-            return gptq_quantize(matrix, gram, bits=self.bits, group_size=self.effective_group_size,
+            return gptq_quantize(matrix, gram, bits=bits, group_size=self.effective_group_size,
                                  sym=self.symmetric,
                                  clip_search=self.clip_search, damp=self.damp, act_order=self.act_order)
         importance = np.diag(gram) if self.act_aware and gram is not None else None
-        return quantize_int(matrix, self.bits, self.effective_group_size, sym=self.symmetric,
+        return quantize_int(matrix, bits, self.effective_group_size, sym=self.symmetric,
                             clip_search=self.clip_search,
                             importance=importance)
 
-    def _rewrite(self, model: Model, node: gs.Node, shared: dict, gram_rows: tuple | None) -> dict:
+    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, gram_rows: tuple | None) -> dict:
         matrix, key, prefix = layer_matrix(node)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
-        if key not in shared:
-            quantized = self._quantize(matrix, gram)
-            shared[key] = (quantized, qops.weight_constants(prefix, quantized))
-        quantized, constants = shared[key]
+        if (key, bits) not in shared:  # a bits plan may give layers sharing a weight different widths
+            quantized = self._quantize(matrix, gram, bits)
+            name = prefix if bits == self.bits else f"{prefix}.b{bits}"
+            shared[(key, bits)] = (quantized, qops.weight_constants(name, quantized))
+        quantized, constants = shared[(key, bits)]
         rewrite(model, node, quantized, constants, self.name)
         return layer_stats(node.op, matrix, quantized, gram)
 
-    def _rewrite_group(self, model: Model, group: SplitGroup, shared: dict, gram_rows: tuple | None) -> dict:
+    def _rewrite_group(self, model: Model, group: SplitGroup, bits: int, shared: dict, gram_rows: tuple | None
+                       ) -> dict:
         """One ``cluster``-format op for the parts of a split layer (see :mod:`.cluster_quant`)."""
         matrices = [layer_matrix(part)[0] for part in group.parts]
         matrix = np.sum(matrices, axis=0)
         nonzero = np.stack([m != 0 for m in matrices])
         ids = np.where(nonzero.any(axis=0), nonzero.argmax(axis=0), group.k // 2).astype(np.uint8)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
-        quantized = quantize_split(matrix, ids, k=group.k, bits=self.bits, group_size=max(self.group_size, 0),
+        quantized = quantize_split(matrix, ids, k=group.k, bits=bits, group_size=max(self.group_size, 0),
                                    gram=gram, gptq=self.method == "gptq", damp=self.damp,
                                    act_order=self.act_order, clip_search=self.clip_search)
         constants = qops.weight_constants(layer_matrix(group.parts[0])[2], quantized)

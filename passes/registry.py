@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
+    "bits": "qcompile.passes.bits:Bits",
     "fold": "qcompile.passes.fold:Fold",
     "quant": "qcompile.passes.quant:Quant",
+    "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
     "split": "qcompile.passes.split:Split",
 }
 

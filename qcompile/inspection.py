@@ -194,11 +194,10 @@ def size_breakdown(model: Model) -> dict[str, int]:
     kinds: dict[str, str] = {}
     for node in model.graph.nodes:
         if qops.is_quantized(node):
-            first = 0 if node.op == "QGather" else 1
-            packed, scales, zero_points = node.inputs[first], node.inputs[2], node.inputs[3]
+            packed, *parameters = qops.weight_inputs(node)  # e.g. scales + zero points, or bcq alphas
             embedding = node.op in EMBEDDING_OPS
             kinds.setdefault(packed.name, "embeddings" if embedding else "packed")
-            for tensor in (scales, zero_points):
+            for tensor in parameters:
                 kinds.setdefault(tensor.name, "embeddings" if embedding else "scales_zero_points")
         elif node.op == "Gather" and float_weight(node) is not None:
             kinds.setdefault(node.inputs[0].name, "embeddings")

@@ -1,0 +1,139 @@
+"""``shiftadd``: multiplication-less weights (ShiftAddLLM) in the ``bcq`` format.
+
+You et al., "ShiftAddLLM: Accelerating Pretrained LLMs via Post-Training
+Multiplication-Less Reparameterization" (NeurIPS 2024). Every weight becomes ``bits``
+binary planes and alphas that are sums of at most ``apot_terms`` powers of two
+(:mod:`qcompile.ir.bcq`), so ``W x`` is table look-ups, shifts and adds
+(:mod:`qcompile.ir.lut`).
+
+* MatMul / Gemm: BCQ fitted inside the GPTQ column walk (:func:`bcq_gptq`): each column
+  (``layout=column``) or block of 8 columns (``layout=block``) is fitted after the errors of
+  the columns before it were fed forward, alphas shared by ``group_size`` output rows.
+  This is the paper's weight + output-activation objective.
+* Gather embedding tables and Conv: row-wise BCQ (alphas per row and ``table_group``
+  columns), the only layout ``QGather`` can index; Conv's columns weighted by the inputs'
+  energy when it is known.
+
+Per-layer bits come from a ``bits`` plan when one precedes (:mod:`qcompile.passes.plan`).
+Lossy; stats report per layer the weight SQNR and the exact output SQNR and cosine over
+every calibration row. Needs calibration data (the layer Hessians ``X^T X``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile.errors import UsageError
+from qcompile.ir import qops
+from qcompile.ir.bcq import BCQWeight
+from qcompile.ir.model import Model
+
+from .base import Pass, PassResult, matches_any, option
+from .bcqfit import bcq_gptq, bcq_rowwise
+from .context import PassContext
+from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .plan import planned_bits, read_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShiftAdd(Pass):
+    """Binary-coding quantization with power-of-two alphas (format ``bcq``), fitted inside GPTQ."""
+
+    name: ClassVar[str] = "shiftadd"
+    summary: ClassVar[str] = "multiplication-less weights: binary planes x power-of-two alphas (ShiftAddLLM)"
+    requires_calibration: ClassVar[bool] = True
+
+    bits: int = option(3, "binary planes per weight (bits); a preceding bits plan overrides it per layer",
+                       min=1, max=4)
+    apot_terms: int = option(3, "powers of two per alpha", min=1, max=4)
+    layout: str = option("column", "column = alphas per input column (most accurate); block = 8 consecutive "
+                         "input columns share them (the lookup-table kernel's layout)", choices=("column", "block"))
+    group_size: int = option(128, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
+    table_group: int = option(128, "embedding tables and Conv: columns sharing one alpha (row-wise layout)",
+                              choices=(8, 16, 32, 64, 128, 256))
+    rounds: int = option(5, "alternating least-squares rounds per group (alphas, APoT rounding, codes)",
+                         min=0, max=200)
+    damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
+    act_order: bool = option(True, "walk the columns (blocks) with the largest input energy first")
+    embeddings: bool = option(True, "quantize Gather embedding tables too")
+    skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
+    min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if ctx.calib is None:  # the manager checks first; direct callers get the same error
+            raise UsageError("pass shiftadd needs calibration data: add --calib FILE")
+        plan = read_plan(model)
+        candidates, skipped = self._select(model)
+        grams = ctx.gram(model, [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")])
+        ctx.progress.start(f"{self.name}: layers", len(candidates))
+        shared: dict[tuple, tuple[BCQWeight, list[gs.Constant]]] = {}
+        layers = {}
+        for node in candidates:
+            bits = planned_bits(plan, node.name, self.bits, 1, 4, self.name)
+            layers[node.name] = self._rewrite(model, node, bits, shared, grams.get(node.inputs[0].name))
+            ctx.progress.advance()
+        if candidates:
+            model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        weights = [w for w, _ in shared.values()]
+        params = sum(w.rows * w.cols for w in weights)
+        stats = {
+            "layers": layers,
+            "skipped": skipped,
+            "quantized": len(layers),
+            "weight_bytes": sum(w.nbytes for w in weights),
+            "bits_per_weight": round(8 * sum(w.nbytes for w in weights) / params, 3) if params else None,
+            "plan": "model metadata" if plan is not None else None,
+        }
+        return PassResult(bool(candidates), stats)
+
+    # -- selection (as quant) ------------------------------------------------------------
+
+    def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
+        chosen, skipped = [], {}
+        for node in model.graph.nodes:
+            weight = weight_of(node)
+            if weight is None:
+                continue
+            pattern = matches_any(node.name, self.skip)
+            if pattern:
+                reason: str | None = f"excluded by skip pattern {pattern!r}"
+            elif node.op == "Gather" and not self.embeddings:
+                reason = "embeddings=false"
+            else:
+                reason = unsupported_reason(node, weight, self.min_size)
+            if reason:
+                skipped[node.name] = reason
+            else:
+                chosen.append(node)
+        return chosen, skipped
+
+    # -- rewriting -----------------------------------------------------------------------
+
+    def fit(self, node: gs.Node, matrix: np.ndarray, bits: int, gram: np.ndarray | None) -> BCQWeight:
+        """The ``bcq`` weight of one layer's matrix ``[rows, cols]``."""
+        if node.op in ("MatMul", "Gemm"):
+            hessian = gram if gram is not None else np.eye(matrix.shape[1])
+            return bcq_gptq(matrix, hessian, bits, terms=self.apot_terms, layout=self.layout,
+                            group_size=self.group_size, rounds=self.rounds, damp=self.damp,
+                            act_order=self.act_order)
+        return bcq_rowwise(matrix, bits, terms=self.apot_terms, col_group=self.table_group, rounds=self.rounds)
+
+    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, gram_rows: tuple | None) -> dict:
+        matrix, key, prefix = layer_matrix(node)
+        gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
+        if (key, bits) not in shared:
+            fitted = self.fit(node, matrix, bits, gram)
+            shared[(key, bits)] = (fitted, qops.weight_constants(prefix if bits == self.bits else f"{prefix}.b{bits}",
+                                                                 fitted))
+        fitted, constants = shared[(key, bits)]
+        rewrite(model, node, fitted, constants, self.name)
+        stats = layer_stats(node.op, matrix, fitted, gram)
+        stats.update(layout=self.layout if node.op in ("MatMul", "Gemm") else "row", apot_terms=self.apot_terms)
+        return stats
