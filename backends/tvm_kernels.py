@@ -1,0 +1,216 @@
+"""TIR kernels for the ``int`` quantized ops, with the weight decode fused into them.
+
+Two families, one per kind of target:
+
+* **CPU** (``qmatmul_cpu``): hand-scheduled TIR. The packed bytes are re-laid out at
+  compile time from ``[rows, bytes]`` to ``[rows / lanes, bytes, lanes]`` (same bytes,
+  still packed: only their order changes), scales and zero points to
+  ``[rows / lanes, groups, lanes]``. Each SIMD lane then owns one output row and every
+  decode step (shift, mask, convert) is one vector instruction on ``lanes`` rows at
+  once; the activation element is a broadcast scalar. For a few rows of activations
+  (GEMV, batch-1 decoding) the kernel accumulates codes times activations per group and
+  applies scale and zero point once per group (``s * (sum x*c - z * sum x)``); for many
+  rows it decodes one group of weights into a small float tile in L1 and reuses it
+  for every activation row, so the decode cost is paid once per weight.
+* **generic** (``qmatmul_te`` / ``qgather_te`` / ``dequantize_te``): tensor-expression
+  compute with the decode written inline over the original packed layout, the form
+  the dlight GPU rules (``GEMV``, ``Matmul``, ``Fallback``) recognise as a decode-fused
+  GEMV/GEMM, as MLC-LLM does. Used for CUDA, for ``QGather`` and ``QConv`` everywhere.
+
+Code ``i`` of a run of 8 codes starts at bit ``i * bits`` of the run's ``bits``
+bytes (:mod:`qcompile.ir.qformat`); for 3 bits a code may straddle two bytes, so the
+decode reads a 16-bit window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from qcompile.ir.qformat import QuantizedWeight
+
+GEMV_MAX_ROWS = 4  # activation rows up to which the per-group factored GEMV kernel is used
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """A quantized weight re-laid out for :func:`qmatmul_cpu` (numpy arrays)."""
+
+    packed: np.ndarray  # uint8 [rows_padded / lanes, packed_cols, lanes]
+    scales: np.ndarray  # float32 [rows_padded / lanes, groups, lanes]
+    zero_points: np.ndarray  # float32 [rows_padded / lanes, groups, lanes]
+    lanes: int
+    rows: int  # true output rows (N)
+
+    @property
+    def padded_rows(self) -> int:
+        return self.packed.shape[0] * self.lanes
+
+
+def choose_lanes(rows: int) -> int:
+    """Rows per vector: 64 (four AVX-512 registers in flight) unless that pads a lot."""
+    for lanes in (64, 32, 16, 8):
+        if rows % lanes == 0:
+            return lanes
+    return 16
+
+
+def cpu_layout(weight: QuantizedWeight) -> CpuLayout:
+    lanes = choose_lanes(weight.rows)
+    padded = -(-weight.rows // lanes) * lanes
+
+    def interleave(values: np.ndarray, dtype) -> np.ndarray:
+        full = np.zeros((padded, values.shape[1]), dtype)
+        full[: weight.rows] = values
+        return np.ascontiguousarray(full.reshape(padded // lanes, lanes, -1).transpose(0, 2, 1))
+
+    return CpuLayout(
+        packed=interleave(weight.packed, np.uint8),
+        scales=interleave(weight.scales.astype(np.float32), np.float32),
+        zero_points=interleave(weight.zero_points.astype(np.float32), np.float32),
+        lanes=lanes,
+        rows=weight.rows,
+    )
+
+
+def _code(packed, block, byte_base, i, lane, bits: int):
+    """Code ``i`` (0..7) of the run of 8 starting at byte ``byte_base``, for one lane."""
+    mask = (1 << bits) - 1
+    low = T.Cast("int32", packed[block, byte_base + (i * bits) // 8, lane])
+    if bits in (2, 4, 8):  # codes never straddle a byte
+        return T.bitwise_and(T.shift_right(low, (i * bits) % 8), mask)
+    high = T.Cast("int32", packed[block, byte_base + T.min((i * bits) // 8 + 1, bits - 1), lane])
+    return T.bitwise_and(T.shift_right(T.bitwise_or(low, T.shift_left(high, 8)), (i * bits) % 8), mask)
+
+
+def qmatmul_cpu(rows_in: int, layout: CpuLayout, bits: int, group_size: int, padded_cols: int) -> tirx.PrimFunc:
+    """``Y[M, N_pad] = X[M, K_pad] @ decode(W).T`` as a scheduled CPU PrimFunc."""
+    if rows_in <= GEMV_MAX_ROWS:
+        return _gemv_cpu(rows_in, layout, bits, group_size, padded_cols)
+    return _gemm_cpu(rows_in, layout, bits, group_size, padded_cols)
+
+
+def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.PrimFunc:
+    L = layout.lanes
+    NB = layout.packed.shape[0]
+    KB = layout.packed.shape[1]
+    G = K // gs
+    RB = gs * bits // 8
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
+               s: T.Buffer((NB, G, L), "float32"), z: T.Buffer((NB, G, L), "float32"),
+               y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xs = T.alloc_buffer((M, G), "float32")
+        for m, g in T.grid(M, G):
+            xs[m, g] = T.float32(0)
+            for kk in range(gs):
+                xs[m, g] = xs[m, g] + x[m, g * gs + kk]
+        for nb in T.parallel(NB):
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            part = T.alloc_buffer((L,), "float32", scope="local")
+            for m in range(M):
+                for lane in T.vectorized(L):
+                    acc[lane] = T.float32(0)
+                for g in range(G):
+                    for lane in T.vectorized(L):
+                        part[lane] = T.float32(0)
+                    for r in range(gs // 8):
+                        for i in T.unroll(8):
+                            for lane in T.vectorized(L):
+                                part[lane] = part[lane] + x[m, g * gs + r * 8 + i] * T.Cast(
+                                    "float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
+                    for lane in T.vectorized(L):
+                        acc[lane] = acc[lane] + s[nb, g, lane] * (part[lane] - z[nb, g, lane] * xs[m, g])
+                for lane in T.vectorized(L):
+                    y[m, nb * L + lane] = acc[lane]
+
+    return kernel
+
+
+def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.PrimFunc:
+    L = layout.lanes
+    NB = layout.packed.shape[0]
+    KB = layout.packed.shape[1]
+    G = K // gs
+    RB = gs * bits // 8
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
+               s: T.Buffer((NB, G, L), "float32"), z: T.Buffer((NB, G, L), "float32"),
+               y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for nb in T.parallel(NB):
+            tile = T.alloc_buffer((gs, L), "float32", scope="local")
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            for m in range(M):
+                for lane in T.vectorized(L):
+                    y[m, nb * L + lane] = T.float32(0)
+            for g in range(G):
+                for r in range(gs // 8):
+                    for i in T.unroll(8):
+                        for lane in T.vectorized(L):
+                            tile[r * 8 + i, lane] = (T.Cast("float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
+                                                     - z[nb, g, lane]) * s[nb, g, lane]
+                for m in range(M):
+                    for lane in T.vectorized(L):
+                        acc[lane] = y[m, nb * L + lane]
+                    for kk in T.unroll(gs):
+                        for lane in T.vectorized(L):
+                            acc[lane] = acc[lane] + x[m, g * gs + kk] * tile[kk, lane]
+                    for lane in T.vectorized(L):
+                        y[m, nb * L + lane] = acc[lane]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------
+# Generic (tensor expression) kernels over the original packed layout
+# ----------------------------------------------------------------------------------
+
+
+def _decode_te(packed, scales, zero_points, row, col, bits: int, group_size: int):
+    """The float value of weight ``[row, col]`` read from the packed ``[rows, bytes]`` layout."""
+    mask = (1 << bits) - 1
+    run, i = col // 8, col % 8
+    bit = i * bits
+    low = packed[row, run * bits + bit // 8].astype("int32")
+    if bits in (2, 4, 8):
+        code = (low >> (bit % 8)) & mask
+    else:
+        high = packed[row, run * bits + tirx.min(bit // 8 + 1, bits - 1)].astype("int32")
+        code = ((low | (high << 8)) >> (bit % 8)) & mask
+    group = col // group_size
+    return (code.astype("float32") - zero_points[row, group].astype("float32")) * scales[row, group].astype("float32")
+
+
+def qmatmul_te(x, packed, scales, zero_points, bits: int, group_size: int, cols: int):
+    """``Y[M, N] = X[M, cols] @ decode(W)[:, :cols].T`` (decode inlined in the reduction)."""
+    rows = packed.shape[0]
+    weight = te.compute((rows, cols), lambda n, k: _decode_te(packed, scales, zero_points, n, k, bits, group_size),
+                        name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((x.shape[0], rows), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k), name="qmatmul")
+
+
+def qgather_te(packed, indices, scales, zero_points, bits: int, group_size: int, cols: int):
+    """``Y[I, cols] = decode(W)[indices]`` for flat int64 ``indices`` (negative ones wrap)."""
+    vocab = packed.shape[0]
+
+    def value(i, d):
+        index = indices[i].astype("int64")
+        row = tirx.Select(index < 0, index + vocab, index)
+        return _decode_te(packed, scales, zero_points, row, d, bits, group_size)
+
+    return te.compute((indices.shape[0], cols), value, name="qgather")
+
+
+def dequantize_te(packed, scales, zero_points, bits: int, group_size: int, cols: int):
+    """The float matrix ``[rows, cols]`` (QConv's filter, decoded once per call)."""
+    return te.compute((packed.shape[0], cols),
+                      lambda n, k: _decode_te(packed, scales, zero_points, n, k, bits, group_size),
+                      name="dequantize")
