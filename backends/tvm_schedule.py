@@ -20,11 +20,16 @@ Rules are applied per PrimFunc with dlight's ``ApplyDefaultSchedule``; each retu
 
 from __future__ import annotations
 
+import logging
+
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
+
+log = logging.getLogger(__name__)
 
 VECTOR = 16  # float32 lanes of one AVX-512 register
 ROW_TILE = 4
@@ -48,12 +53,26 @@ def _vector_split(extent: int | None) -> int:
     return 1
 
 
-class CpuMatmul(ScheduleRule):
-    """Register-blocked, vectorized, parallel GEMM for matmul-like reduction blocks."""
+class _Guarded(ScheduleRule):
+    """A rule whose schedule error means "does not apply" (the next rule is tried)."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        try:
+            return self.schedule(func)
+        except (s_tir.ScheduleError, tvm.error.InternalError, ValueError) as exc:
+            log.debug("%s does not apply: %s", type(self).__name__, str(exc).splitlines()[0])
+            return None
+
+    def schedule(self, func: tirx.PrimFunc):
+        raise NotImplementedError
+
+
+class CpuMatmul(_Guarded):
+    """Register-blocked, vectorized, parallel GEMM for matmul-like reduction blocks."""
+
+    def schedule(self, func: tirx.PrimFunc):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -111,8 +130,9 @@ def _matmul_role(sch: s_tir.Schedule, block) -> str | int | None:
     i_var, j_var, k_var = iters[-3], iters[-2], iters[-1]
     if len(stmt.writes) != 1 or len(stmt.reads) < 2:
         return None
-    reads = [r for r in stmt.reads if r.buffer != stmt.writes[0].buffer]
-    if len(reads) != 2:
+    output = stmt.writes[0].source
+    inputs = [n for n, r in enumerate(stmt.reads) if not r.source.same_as(output)]
+    if len(inputs) != 2:
         return None
 
     def last_var(region):
@@ -122,8 +142,9 @@ def _matmul_role(sch: s_tir.Schedule, block) -> str | int | None:
     def uses(region, var):
         return any(isinstance(r.min, tirx.Var) and r.min.same_as(var) for r in region.region)
 
-    b_index = next((n for n, r in enumerate(stmt.reads) if r in reads and uses(r, j_var) and uses(r, k_var)), None)
-    a_region = next((r for r in reads if uses(r, i_var) and uses(r, k_var)), None)
+    b_index = next((n for n in inputs if uses(stmt.reads[n], j_var) and uses(stmt.reads[n], k_var)), None)
+    a_region = next((stmt.reads[n] for n in inputs if uses(stmt.reads[n], i_var) and uses(stmt.reads[n], k_var)),
+                    None)
     if b_index is None or a_region is None:
         return None
     b_last = last_var(stmt.reads[b_index])
@@ -140,6 +161,8 @@ def _parallel_vectorize(sch: s_tir.Schedule, block) -> None:
         return
     inner_extent = _loop_extent(sch, loops[-1])
     width = _vector_split(inner_extent) if len(loops) > 1 or (inner_extent or 0) > 64 else 1
+    if any(str(region.source.dtype) == "bool" for region in [*sch.get(block).reads, *sch.get(block).writes]):
+        width = 1  # TIR cannot vectorize stores of bool
     if width > 1 and _innermost_is_contiguous(sch, block, loops[-1]):
         outer, inner = sch.split(loops[-1], [None, width])
         sch.vectorize(inner)
@@ -163,12 +186,10 @@ def _innermost_is_contiguous(sch: s_tir.Schedule, block, loop) -> bool:
     return isinstance(write, tirx.Var) and write.same_as(last_iter)
 
 
-class CpuFallback(ScheduleRule):
+class CpuFallback(_Guarded):
     """Parallel outer loops and a vectorized contiguous inner loop for every block."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
+    def schedule(self, func: tirx.PrimFunc):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -185,8 +206,20 @@ class CpuFallback(ScheduleRule):
         return sch
 
 
+class CpuParallel(_Guarded):
+    """Last resort: the outermost loop of every block in parallel, nothing else."""
+
+    def schedule(self, func: tirx.PrimFunc):
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(block)
+            if loops:
+                sch.parallel(loops[0])
+        return sch
+
+
 def cpu_rules() -> list[ScheduleRule]:
-    return [CpuMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CpuFallback()]
+    return [CpuMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CpuFallback(), CpuParallel()]
 
 
 def gpu_rules() -> list[ScheduleRule]:
