@@ -90,6 +90,7 @@ def _lower(module, target, cpu: bool):
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
+        relax.transform.FastMathTransform(),  # vectorizable erf/exp/tanh (GELU, softmax)
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

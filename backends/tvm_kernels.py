@@ -132,12 +132,21 @@ def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
     return kernel
 
 
+def _row_tile(M: int, L: int) -> int:
+    """Activation rows per register tile: about 16 vector accumulators (AVX-512 has 32)."""
+    for rows in (8, 4, 2, 1):
+        if rows * L <= 256 and M % rows == 0:
+            return rows
+    return 1
+
+
 def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.PrimFunc:
     L = layout.lanes
     NB = layout.packed.shape[0]
     KB = layout.packed.shape[1]
     G = K // gs
     RB = gs * bits // 8
+    MR = _row_tile(M, L)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
@@ -146,7 +155,7 @@ def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for nb in T.parallel(NB):
             tile = T.alloc_buffer((gs, L), "float32", scope="local")
-            acc = T.alloc_buffer((L,), "float32", scope="local")
+            acc = T.alloc_buffer((MR, L), "float32", scope="local")
             for m in range(M):
                 for lane in T.vectorized(L):
                     y[m, nb * L + lane] = T.float32(0)
@@ -156,14 +165,17 @@ def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
                         for lane in T.vectorized(L):
                             tile[r * 8 + i, lane] = (T.Cast("float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
                                                      - z[nb, g, lane]) * s[nb, g, lane]
-                for m in range(M):
-                    for lane in T.vectorized(L):
-                        acc[lane] = y[m, nb * L + lane]
-                    for kk in T.unroll(gs):
+                for mb in range(M // MR):
+                    for row in T.unroll(MR):
                         for lane in T.vectorized(L):
-                            acc[lane] = acc[lane] + x[m, g * gs + kk] * tile[kk, lane]
-                    for lane in T.vectorized(L):
-                        y[m, nb * L + lane] = acc[lane]
+                            acc[row, lane] = y[mb * MR + row, nb * L + lane]
+                    for kk in range(gs):
+                        for row in T.unroll(MR):
+                            for lane in T.vectorized(L):
+                                acc[row, lane] = acc[row, lane] + x[mb * MR + row, g * gs + kk] * tile[kk, lane]
+                    for row in T.unroll(MR):
+                        for lane in T.vectorized(L):
+                            y[mb * MR + row, nb * L + lane] = acc[row, lane]
 
     return kernel
 

@@ -88,20 +88,15 @@ class CpuMatmul(_Guarded):
         role = _matmul_role(sch, block)
         if role is None:
             return None
-        # other blocks (producers/epilogues) keep their own loops; make them parallel
-        for other in infos:
-            if other is not info:
-                _parallel_vectorize(sch, other.block_rv)
         if role != DIRECT:
             copy = sch.cache_read(block, role, "global")
             sch.transform_layout(copy, ("write", 0), lambda *idx: (*idx[:-2], idx[-1], idx[-2]))
-            _parallel_vectorize(sch, copy)
         loops = sch.get_loops(block)
         spatial, reduce_loop = loops[:-1], loops[-1]
         i_loop, j_loop = spatial[-2], spatial[-1]
         j_inner = _vector_split(_loop_extent(sch, j_loop))
         i_extent = _loop_extent(sch, i_loop)
-        i_inner = ROW_TILE if i_extent is not None and i_extent % ROW_TILE == 0 else 1
+        i_inner = next((t for t in (ROW_TILE, 2) if i_extent is not None and i_extent % t == 0), 1)
         jo, ji = sch.split(j_loop, [None, j_inner])
         io, ii = sch.split(i_loop, [None, i_inner])
         sch.reorder(*spatial[:-2], io, jo, reduce_loop, ii, ji)
@@ -109,16 +104,21 @@ class CpuMatmul(_Guarded):
         sch.parallel(outer)
         local = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(local, outer)
+        for other in infos:  # epilogues (bias, scale, activation) fused into the write-back
+            if other is not info:
+                try:
+                    sch.reverse_compute_inline(other.block_rv)
+                except s_tir.ScheduleError:
+                    _parallel_vectorize(sch, other.block_rv)
         if j_inner > 1:
             sch.vectorize(sch.get_loops(local)[-1])
-        init = sch.decompose_reduction(block, reduce_loop)
-        if j_inner > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
-        loops = sch.get_loops(block)
         if i_inner > 1:
-            sch.unroll(loops[-2])
+            sch.unroll(ii)
         if j_inner > 1:
-            sch.vectorize(loops[-1])
+            sch.vectorize(ji)
+        sch.decompose_reduction(block, reduce_loop)
+        if role != DIRECT:
+            _parallel_vectorize(sch, copy)
         return sch
 
 
