@@ -136,9 +136,22 @@ def _build(module, target, cpu: bool):
     return tvm.compile(lowered, target=target, relax_pipeline=tvm.transform.Sequential(finish))
 
 
+def has_vnni(target) -> bool:
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features("avx512vnni", target))
+    except Exception:  # a target LLVM cannot query (cross targets)
+        return False
+
+
 def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = None,
-         input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
-    """Compile ``model`` into ``folder``; return the manifest's backend section."""
+         input_shapes: dict[str, tuple[int, ...]] | None = None, accuracy_level: int = 4) -> dict:
+    """Compile ``model`` into ``folder``; return the manifest's backend section.
+
+    ``accuracy_level`` 4 (as for ONNX Runtime's ``MatMulNBits``) lets GEMV-shaped
+    ``QMatMul`` layers quantize their activations to int8 and use the AVX-512 VNNI
+    kernel where the target CPU has it; 0-3 keep every kernel in float32."""
     if target not in TARGETS:
         raise BackendError(f"backend tvm: unknown target {target!r} (targets: {', '.join(TARGETS)})")
     if not available():
@@ -149,8 +162,9 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
 
     cpu = target in ("cpu", "arm64")
     archs = parse_arch(arch) if target == "cuda" else []
+    int8_gemv = target == "cpu" and accuracy_level == 4 and has_vnni(_llvm_target("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):  # the importer prints on failures; we report instead
-        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes)
+        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes, int8_gemv=int8_gemv)
     module, _ = detach_params(imported.module)
     files: list[str] = []
     libraries: dict[str, str] = {}
@@ -187,6 +201,8 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
         "kernels": imported.kernels,
         "merged": [],
         "tvm_version": tvm.__version__,
+        "accuracy_level": accuracy_level,
+        "int8_gemv": int8_gemv,
         "llvm_target": str(_llvm_target(target)) if cpu else None,
         "cuda_arch": archs,
         "linked": not libraries.get("cpu", "").endswith(".tar"),

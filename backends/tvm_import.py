@@ -63,7 +63,18 @@ class _Layer:
     layout: kernels.CpuLayout | None = None
 
 
-def _quantized_layers(model: Model, cpu: bool) -> dict[str, _Layer]:
+def _activation_rows(proto: onnx.ModelProto) -> dict[str, int]:
+    """Rows of every static float tensor (product of all but the last dimension)."""
+    rows = {}
+    for value in [*proto.graph.input, *proto.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            rows[value.name] = int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
+    return rows
+
+
+def _quantized_layers(model: Model, cpu: bool, int8_gemv: bool = False,
+                      rows_of: dict[str, int] | None = None) -> dict[str, _Layer]:
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
         fmt = node.attrs.get("format", "int")
@@ -72,7 +83,11 @@ def _quantized_layers(model: Model, cpu: bool) -> dict[str, _Layer]:
         weight = qops.read_weight(node)
         first = 0 if node.op == "QGather" else 1
         names = [node.inputs[first].name, node.inputs[2].name, node.inputs[3].name]
-        layout = kernels.cpu_layout(weight) if cpu and node.op == "QMatMul" else None
+        layout = None
+        if cpu and node.op == "QMatMul":
+            rows_in = (rows_of or {}).get(node.inputs[0].name, kernels.GEMV_MAX_ROWS + 1)
+            vnni = int8_gemv and kernels.vnni_eligible(weight, rows_in)
+            layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
         layers[node.name] = _Layer(node.name, node.op, weight, names, layout)
     return layers
 
@@ -163,6 +178,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             if key not in self._kernel_cache:
                 func = kernels.qmatmul_cpu(rows, layer.layout, weight.bits, weight.group_size, padded_cols)
                 name = f"qmatmul{weight.bits}_{'gemv' if rows <= kernels.GEMV_MAX_ROWS else 'gemm'}"
+                name += "_vnni" if layer.layout.kind == "vnni" else ""
                 self._kernel_cache[key] = self.bb.add_func(func, name)
             out = relax.call_tir(self._kernel_cache[key], [flat, packed, scales, zero_points],
                                  relax.TensorType([rows, layer.layout.padded_rows], "float32"))
@@ -170,7 +186,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             if layer.layout.padded_rows != weight.rows:
                 result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
             kind = "GEMV" if rows <= kernels.GEMV_MAX_ROWS else "GEMM"
-            self.kernel_names[layer.node_name] = f"tvm decode-fused {kind} int{weight.bits} (cpu, {layer.layout.lanes} lanes)"
+            detail = "int8 activations, VNNI" if layer.layout.kind == "vnni" else f"{layer.layout.lanes} lanes"
+            self.kernel_names[layer.node_name] = f"tvm decode-fused {kind} int{weight.bits} (cpu, {detail})"
         else:
             result = self.bb.normalize(self.bb.call_te(
                 kernels.qmatmul_te, flat, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
@@ -241,8 +258,12 @@ def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) 
     return infer_shapes(folded.to_proto())
 
 
-def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportResult:
-    """Import ``model`` (canonical IR) into Relax, with ``input_shapes`` fixing dynamic inputs."""
+def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             int8_gemv: bool = False) -> ImportResult:
+    """Import ``model`` (canonical IR) into Relax, with ``input_shapes`` fixing dynamic inputs.
+
+    ``int8_gemv``: QMatMul layers with few activation rows use the AVX-512 VNNI kernel
+    (activations quantized to int8 on the fly, like ``MatMulNBits`` ``accuracy_level=4``)."""
     proto = static_proto(model, input_shapes)
     model = Model.from_proto(proto)
     shapes, dtypes = {}, {}
@@ -254,7 +275,7 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
                 f"{value.name}=DxD... (the TVM artifact is compiled for static shapes)")
         shapes[value.name] = [d.dim_value for d in dims]
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
-    layers = _quantized_layers(model, cpu)
+    layers = _quantized_layers(model, cpu, int8_gemv, _activation_rows(proto))
     importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     try:

@@ -33,17 +33,25 @@ from tvm.script import tirx as T
 from qcompile.ir.qformat import QuantizedWeight
 
 GEMV_MAX_ROWS = 4  # activation rows up to which the per-group factored GEMV kernel is used
+VNNI_ROW_BLOCKS = 4  # 16-row blocks per task of the int8 GEMV: four independent accumulators
 
 
 @dataclass(frozen=True)
 class CpuLayout:
-    """A quantized weight re-laid out for :func:`qmatmul_cpu` (numpy arrays)."""
+    """A quantized weight re-laid out for :func:`qmatmul_cpu` (numpy arrays).
 
-    packed: np.ndarray  # uint8 [rows_padded / lanes, packed_cols, lanes]
-    scales: np.ndarray  # float32 [rows_padded / lanes, groups, lanes]
-    zero_points: np.ndarray  # float32 [rows_padded / lanes, groups, lanes]
+    ``float``: packed ``[rows / lanes, bytes, lanes]``. ``vnni``: packed
+    ``[rows / 16, bytes / 4, 16, 4]`` (each 32-bit lane holds 4 consecutive bytes of
+    one row, the operand layout of ``vpdpbusd``). Scales and zero points are
+    ``[rows / lanes, groups, lanes]`` float32 in both.
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
     lanes: int
     rows: int  # true output rows (N)
+    kind: str = "float"
 
     @property
     def padded_rows(self) -> int:
@@ -56,6 +64,24 @@ def choose_lanes(rows: int) -> int:
         if rows % lanes == 0:
             return lanes
     return 16
+
+
+def vnni_eligible(weight: QuantizedWeight, rows_in: int) -> bool:
+    """The int8-activation GEMV applies: few activation rows, 2/4/8 bits, whole 4-byte words
+    per group, and output rows in blocks of 64 (four 16-lane accumulators)."""
+    codes_per_word = 32 // weight.bits
+    return (rows_in <= GEMV_MAX_ROWS and weight.bits in (2, 4, 8) and weight.rows % (16 * VNNI_ROW_BLOCKS) == 0
+            and weight.group_size % codes_per_word == 0)
+
+
+def vnni_layout(weight: QuantizedWeight) -> CpuLayout:
+    blocks, words = weight.rows // 16, weight.packed.shape[1] // 4
+
+    def interleave(values: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(values.astype(np.float32).reshape(blocks, 16, -1).transpose(0, 2, 1))
+
+    packed = np.ascontiguousarray(weight.packed.reshape(blocks, 16, words, 4).transpose(0, 2, 1, 3))
+    return CpuLayout(packed, interleave(weight.scales), interleave(weight.zero_points), 16, weight.rows, "vnni")
 
 
 def cpu_layout(weight: QuantizedWeight) -> CpuLayout:
@@ -88,6 +114,8 @@ def _code(packed, block, byte_base, i, lane, bits: int):
 
 def qmatmul_cpu(rows_in: int, layout: CpuLayout, bits: int, group_size: int, padded_cols: int) -> tirx.PrimFunc:
     """``Y[M, N_pad] = X[M, K_pad] @ decode(W).T`` as a scheduled CPU PrimFunc."""
+    if layout.kind == "vnni":
+        return _gemv_vnni(rows_in, layout, bits, group_size, padded_cols)
     if rows_in <= GEMV_MAX_ROWS:
         return _gemv_cpu(rows_in, layout, bits, group_size, padded_cols)
     return _gemm_cpu(rows_in, layout, bits, group_size, padded_cols)
@@ -128,6 +156,84 @@ def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
                         acc[lane] = acc[lane] + s[nb, g, lane] * (part[lane] - z[nb, g, lane] * xs[m, g])
                 for lane in T.vectorized(L):
                     y[m, nb * L + lane] = acc[lane]
+
+    return kernel
+
+
+def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.PrimFunc:
+    """GEMV with int8 activations on AVX-512 VNNI (``vpdpbusd``: 64 u8 x s8 products per
+    instruction), as ONNX Runtime's ``MatMulNBits`` does with ``accuracy_level=4``.
+
+    The activations are quantized per group (symmetric int8, ``scale = max|x| / 127``)
+    and laid out so one broadcast 32-bit word holds the 4 activation bytes that meet the
+    4 codes a weight word yields after a shift and a byte mask; the integer group sums
+    are then scaled: ``y += (sum_i32 - z * sum(xq)) * s * x_scale``.
+    """
+    codes_per_byte = 8 // bits
+    codes_per_word = 4 * codes_per_byte
+    NB = layout.packed.shape[0]
+    W = layout.packed.shape[1]
+    G = K // gs
+    WG = gs // codes_per_word
+    C = codes_per_byte
+    RB = VNNI_ROW_BLOCKS
+    N = NB * 16
+    byte_mask = int.from_bytes(bytes([(1 << bits) - 1]) * 4, "little")
+    byte_mask = byte_mask - (1 << 32) if byte_mask >= 1 << 31 else byte_mask
+
+    def codes(word, t: int):
+        if bits == 8:
+            return word
+        return T.bitwise_and(T.shift_right(word, T.broadcast(T.int32(t * bits), 16)),
+                             T.broadcast(T.int32(byte_mask), 16))
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, W, 16, 4), "uint8"),
+               s: T.Buffer((NB, G, 16), "float32"), z: T.Buffer((NB, G, 16), "float32"),
+               y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xq = T.alloc_buffer((M, W, C, 4), "int8")
+        xscale = T.alloc_buffer((M, G), "float32")
+        xsum = T.alloc_buffer((M, G), "float32")
+        for m, g in T.grid(M, G):
+            xscale[m, g] = T.float32(0)
+            for kk in range(gs):
+                xscale[m, g] = T.max(xscale[m, g], T.fabs(x[m, g * gs + kk]))
+            xscale[m, g] = T.max(xscale[m, g], T.float32(1e-30)) / T.float32(127)
+            xsum[m, g] = T.float32(0)
+            for kk in range(gs):
+                xq[m, (g * gs + kk) // codes_per_word, (g * gs + kk) % C, (g * gs + kk) % codes_per_word // C] = (
+                    T.Cast("int8", T.round(x[m, g * gs + kk] / xscale[m, g])))
+                xsum[m, g] = xsum[m, g] + T.round(x[m, g * gs + kk] / xscale[m, g])
+        for task in T.parallel(NB // RB):
+            accf = T.alloc_buffer((RB, 16), "float32", scope="local")
+            acci = T.alloc_buffer((RB, 16), "int32", scope="local")
+            for m in range(M):
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        accf[rb, lane] = T.float32(0)
+                for g in range(G):
+                    for rb in T.unroll(RB):
+                        for lane in T.vectorized(16):
+                            acci[rb, lane] = 0
+                    for wi in T.unroll(WG):
+                        for t in T.unroll(C):
+                            for rb in T.unroll(RB):
+                                acci[rb, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                                    "int32x16", "llvm.x86.avx512.vpdpbusd.512",
+                                    acci[rb, T.ramp(0, 1, 16)],
+                                    T.reinterpret("int8x64", codes(T.reinterpret(
+                                        "int32x16", w.vload([task * RB + rb, g * WG + wi, 0, 0], "uint8x64")), t)),
+                                    T.reinterpret("int8x64", T.broadcast(
+                                        T.reinterpret("int32", xq.vload([m, g * WG + wi, t, 0], "int8x4")), 16)))
+                    for rb in T.unroll(RB):
+                        for lane in T.vectorized(16):
+                            accf[rb, lane] = accf[rb, lane] + (
+                                T.Cast("float32", acci[rb, lane]) - z[task * RB + rb, g, lane] * xsum[m, g]
+                            ) * (s[task * RB + rb, g, lane] * xscale[m, g])
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        y[m, (task * RB + rb) * 16 + lane] = accf[rb, lane]
 
     return kernel
 

@@ -132,7 +132,8 @@ def compile(
     chosen = choose_backend(backend, target, compiled)
     with io.atomic_directory(output) as staging:
         if chosen == "tvm":
-            backend_section = tvm_backend.emit(compiled, staging, target=target, arch=arch, input_shapes=shapes)
+            backend_section = tvm_backend.emit(compiled, staging, target=target, arch=arch, input_shapes=shapes,
+                                               accuracy_level=accuracy_level)
             backend_error = _tvm_backend_error(manager, staging, backend_section, eval_samples, compiled)
         else:
             backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)

@@ -45,7 +45,7 @@ def test_parity_with_ir_reference(tmp_path, bits, group_size, sym, batch):
     spec = f"quant(bits={bits},group_size={group_size},sym={str(sym).lower()},min_size=0)"
     feeds = mlp_feeds(batch, seed=bits)
     result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
-                                calib={"ids": mlp_feeds(2 * batch, seed=7)["ids"]})
+                                calib={"ids": mlp_feeds(2 * batch, seed=7)["ids"]}, accuracy_level=0)
     layers = result.manifest["layers"]
     assert layers["fc1"]["kernel"].startswith("tvm decode-fused " + ("GEMV" if batch == 1 else "GEMM"))
     assert layers["embed"]["kernel"].startswith("tvm decode-fused gather")
@@ -58,6 +58,22 @@ def test_parity_with_ir_reference(tmp_path, bits, group_size, sym, batch):
     params = np.load(result.path / "params.npz")
     packed = [params[name] for name in params.files if params[name].dtype == np.uint8]
     assert packed and all(p.size * 8 // bits <= 200 * 64 * 2 for p in packed)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int8_activation_gemv(tmp_path, bits):
+    """accuracy_level=4: GEMV layers quantize activations to int8 (VNNI), like MatMulNBits."""
+    if not tvm_backend.has_vnni(tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    feeds = mlp_feeds(1, seed=bits)
+    result, ir_model = _compile(tmp_path, mlp_model(), f"quant(bits={bits},min_size=0)", {"ids": (1, 4)},
+                                calib={"ids": mlp_feeds(2, seed=7)["ids"]}, accuracy_level=4)
+    layers = result.manifest["layers"]
+    assert "VNNI" in layers["fc1"]["kernel"] and "VNNI" not in layers["fc2"]["kernel"]  # 96 rows: float kernel
+    got = qcompile.load(result.path).run(feeds)["y"]
+    want = _reference(ir_model, feeds)["y"]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert 0.999 < cosine and not np.array_equal(got, want)
 
 
 def test_conv_model_parity(tmp_path):
