@@ -249,13 +249,18 @@ def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) 
                                 for d in v.type.tensor_type.shape.dim):
         return proto
     _set_input_shapes(proto, dict(input_shapes or {}))
-    graph = gs.import_onnx(infer_shapes(proto))
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        graph.fold_constants(error_ok=True)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    graph.functions = [f for f in graph.functions if f.domain != qops.DOMAIN]
-    folded = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)
-    return infer_shapes(folded.to_proto())
+    for _ in range(4):  # folding can reveal shapes that let the next round fold more
+        graph = gs.import_onnx(infer_shapes(proto))
+        before = len(graph.nodes)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            graph.fold_constants(error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.functions = [f for f in graph.functions if f.domain != qops.DOMAIN]
+        folded = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)
+        proto = folded.to_proto()
+        if len(graph.nodes) == before:
+            break
+    return infer_shapes(proto)
 
 
 def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None,

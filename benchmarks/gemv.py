@@ -141,6 +141,29 @@ def tvm_cuda_kernel(weight: QuantizedWeight, x: np.ndarray) -> tuple[TvmKernel, 
     return kernel, sum(a.nbytes for a in arrays[1:])
 
 
+def tvm_cuda_fp32(dense: np.ndarray, x: np.ndarray) -> TvmKernel:
+    """The FP32 GEMV baseline on a GPU: TVM's dlight GEMV rule over ``W^T`` ``[N, K]``."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from qcompile.backends.tvm import _cuda_target
+    from qcompile.backends.tvm_schedule import gpu_rules
+
+    device = tvm.cuda(0)
+    major, minor = str(device.compute_version).split(".")
+    target = _cuda_target(f"sm_{major}{minor}")
+    weight_t = np.ascontiguousarray(dense.T)
+    xs = te.placeholder(x.shape, "float32", "x")
+    ws = te.placeholder(weight_t.shape, "float32", "w")
+    k = te.reduce_axis((0, weight_t.shape[1]), "k")
+    out = te.compute((1, weight_t.shape[0]), lambda m, n: te.sum(xs[m, k] * ws[n, k], axis=k), name="gemv")
+    module = tvm.IRModule({"main": te.create_prim_func([xs, ws, out])})
+    with target:
+        module = dl.ApplyDefaultSchedule(*gpu_rules())(module)
+    return TvmKernel(module["main"], [x, weight_t], (1, weight_t.shape[0]), target, device)
+
+
 def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.Generator) -> list[tuple]:
     import onnxruntime as ort
 
@@ -152,6 +175,8 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
     kernels = []
     if ort_on_device:
         kernels.append(("ORT FP32 MatMul", ort_fp32(dense, providers), dense.nbytes, None))
+    elif device == "cuda":  # onnxruntime without the CUDA provider: TVM's own FP32 GEMV is the baseline
+        kernels.append(("TVM FP32 GEMV (dlight)", tvm_cuda_fp32(dense, x), dense.nbytes, None))
     weights = {bits: random_weight(rows, cols, bits, rng) for bits in (4, 3, 2)}
     if ort_on_device:
         for bits in (4, 2):
@@ -181,8 +206,8 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
             if error > 5e-2:
                 raise SystemExit(f"kernel output differs from the reference by {error:.3g}")
     times = interleaved_latency_ms([k for _, k, _, _ in kernels], {"x": x}, rounds=rounds, repeats=rounds * 20)
-    reference = times[0] if ort_on_device else None
-    bandwidth = dense.nbytes / (times[0] / 1e3) if ort_on_device else None
+    reference = times[0]  # the FP32 row
+    bandwidth = dense.nbytes / (times[0] / 1e3)
     for (label, _, nbytes, _), ms in zip(kernels, times, strict=True):
         ideal = nbytes / bandwidth * 1e3 if bandwidth else float("nan")
         rows_out.append((f"{cols}x{rows}", label, nbytes / 1e6, ms, reference / ms if reference else float("nan"),

