@@ -42,8 +42,9 @@ class CpuLayout:
 
     ``float``: packed ``[rows / lanes, bytes, lanes]``. ``vnni``: packed
     ``[rows / 16, bytes / 4, 16, 4]`` (each 32-bit lane holds 4 consecutive bytes of
-    one row, the operand layout of ``vpdpbusd``). Scales and zero points are
-    ``[rows / lanes, groups, lanes]`` float32 in both.
+    one row, the operand layout of ``vpdpbusd``). Scales (float16 or float32, as stored)
+    and zero points (uint8) are ``[rows / lanes, groups, lanes]`` in both: the artifact
+    holds the IR's bytes, reordered.
     """
 
     packed: np.ndarray
@@ -78,7 +79,7 @@ def vnni_layout(weight: QuantizedWeight) -> CpuLayout:
     blocks, words = weight.rows // 16, weight.packed.shape[1] // 4
 
     def interleave(values: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(values.astype(np.float32).reshape(blocks, 16, -1).transpose(0, 2, 1))
+        return np.ascontiguousarray(values.reshape(blocks, 16, -1).transpose(0, 2, 1))
 
     packed = np.ascontiguousarray(weight.packed.reshape(blocks, 16, words, 4).transpose(0, 2, 1, 3))
     return CpuLayout(packed, interleave(weight.scales), interleave(weight.zero_points), 16, weight.rows, "vnni")
@@ -95,8 +96,8 @@ def cpu_layout(weight: QuantizedWeight) -> CpuLayout:
 
     return CpuLayout(
         packed=interleave(weight.packed, np.uint8),
-        scales=interleave(weight.scales.astype(np.float32), np.float32),
-        zero_points=interleave(weight.zero_points.astype(np.float32), np.float32),
+        scales=interleave(weight.scales, weight.scales.dtype),
+        zero_points=interleave(weight.zero_points, np.uint8),
         lanes=lanes,
         rows=weight.rows,
     )
@@ -127,10 +128,11 @@ def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
     KB = layout.packed.shape[1]
     G = K // gs
     RB = gs * bits // 8
+    SD = str(layout.scales.dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
-               s: T.Buffer((NB, G, L), "float32"), z: T.Buffer((NB, G, L), "float32"),
+               s: T.Buffer((NB, G, L), SD), z: T.Buffer((NB, G, L), "uint8"),
                y: T.Buffer((M, NB * L), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         xs = T.alloc_buffer((M, G), "float32")
@@ -153,7 +155,7 @@ def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
                                 part[lane] = part[lane] + x[m, g * gs + r * 8 + i] * T.Cast(
                                     "float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
                     for lane in T.vectorized(L):
-                        acc[lane] = acc[lane] + s[nb, g, lane] * (part[lane] - z[nb, g, lane] * xs[m, g])
+                        acc[lane] = acc[lane] + T.Cast("float32", s[nb, g, lane]) * (part[lane] - T.Cast("float32", z[nb, g, lane]) * xs[m, g])
                 for lane in T.vectorized(L):
                     y[m, nb * L + lane] = acc[lane]
 
@@ -180,6 +182,7 @@ def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pr
     N = NB * 16
     byte_mask = int.from_bytes(bytes([(1 << bits) - 1]) * 4, "little")
     byte_mask = byte_mask - (1 << 32) if byte_mask >= 1 << 31 else byte_mask
+    SD = str(layout.scales.dtype)
 
     def codes(word, t: int):
         if bits == 8:
@@ -189,7 +192,7 @@ def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pr
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, W, 16, 4), "uint8"),
-               s: T.Buffer((NB, G, 16), "float32"), z: T.Buffer((NB, G, 16), "float32"),
+               s: T.Buffer((NB, G, 16), SD), z: T.Buffer((NB, G, 16), "uint8"),
                y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         xq = T.alloc_buffer((M, W, C, 4), "int8")
@@ -229,8 +232,8 @@ def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pr
                     for rb in T.unroll(RB):
                         for lane in T.vectorized(16):
                             accf[rb, lane] = accf[rb, lane] + (
-                                T.Cast("float32", acci[rb, lane]) - z[task * RB + rb, g, lane] * xsum[m, g]
-                            ) * (s[task * RB + rb, g, lane] * xscale[m, g])
+                                T.Cast("float32", acci[rb, lane]) - T.Cast("float32", z[task * RB + rb, g, lane]) * xsum[m, g]
+                            ) * (T.Cast("float32", s[task * RB + rb, g, lane]) * xscale[m, g])
                 for rb in T.unroll(RB):
                     for lane in T.vectorized(16):
                         y[m, (task * RB + rb) * 16 + lane] = accf[rb, lane]
@@ -253,10 +256,11 @@ def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
     G = K // gs
     RB = gs * bits // 8
     MR = _row_tile(M, L)
+    SD = str(layout.scales.dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
-               s: T.Buffer((NB, G, L), "float32"), z: T.Buffer((NB, G, L), "float32"),
+               s: T.Buffer((NB, G, L), SD), z: T.Buffer((NB, G, L), "uint8"),
                y: T.Buffer((M, NB * L), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for nb in T.parallel(NB):
@@ -270,7 +274,7 @@ def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
                     for i in T.unroll(8):
                         for lane in T.vectorized(L):
                             tile[r * 8 + i, lane] = (T.Cast("float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
-                                                     - z[nb, g, lane]) * s[nb, g, lane]
+                                                     - T.Cast("float32", z[nb, g, lane])) * T.Cast("float32", s[nb, g, lane])
                 for mb in range(M // MR):
                     for row in T.unroll(MR):
                         for lane in T.vectorized(L):
