@@ -96,7 +96,7 @@ def minilm(arch: str, out: Path, rows: list[tuple]) -> bool:
 
     reference = embeddings(lambda part: reference_session.run(None, part)[0])
     ok = True
-    for label, spec in (("MiniLM FP32", []), ("MiniLM quant(bits=4)", "quant(bits=4)")):
+    for label, spec in (("MiniLM FP32", "fold(smooth=false)"), ("MiniLM quant(bits=4)", "quant(bits=4)")):
         progress(f"{label}: build for {arch}")
         started = time.perf_counter()
         result = qcompile.compile(fp32, passes=spec, calib=calib, backend="tvm", target="cuda", arch=arch,
@@ -104,7 +104,7 @@ def minilm(arch: str, out: Path, rows: list[tuple]) -> bool:
         seconds = time.perf_counter() - started
         artifact = qcompile.load(result.path)
         cosine = cosine_rows(embeddings(lambda part, a=artifact: a.run(part)["last_hidden_state"]), reference)
-        ok &= bool(cosine.mean() > (0.999 if not spec else 0.95))
+        ok &= bool(cosine.mean() > (0.999 if spec.startswith("fold") else 0.95))
         megabytes = result.manifest["sizes"]["artifact_bytes"] / 1e6
         rows.append((f"{label} (tvm cuda, {megabytes:.0f} MB)", "8x64", f"{seconds:.0f}",
                      f"mean cosine vs ORT FP32 {cosine.mean():.4f}", f"{gpu_ms(artifact, {k: v[:8] for k, v in evals.items()}):.3f}"))

@@ -116,7 +116,8 @@ def compile(
     started = time.perf_counter()
 
     source = load_model(model, example_inputs=example_inputs)
-    canonical = canonicalize(source, {} if backend == "tvm" else shapes)
+    tvm_only = backend == "tvm" or (backend == "auto" and target not in ort_backend.TARGETS)
+    canonical = canonicalize(source, {} if tvm_only else shapes)
     calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None
     eval_samples = (calibration.head(EVAL_SAMPLES) if calibration is not None
                     else random_calibration(canonical, 4, seed=seed))
