@@ -222,5 +222,22 @@ def cpu_rules() -> list[ScheduleRule]:
     return [CpuMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CpuFallback(), CpuParallel()]
 
 
+class Skipping(ScheduleRule):
+    """A dlight rule whose failure means "does not apply": some of TVM 0.27's rules raise
+    (e.g. ``gpu.GEMV``'s analysis asserts on the decode block of a 1-row quantized matmul)
+    instead of returning ``None``, which would abort the whole build."""
+
+    def __init__(self, rule: ScheduleRule) -> None:
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception as exc:  # noqa: BLE001 - any failure of a rule only skips it
+            log.debug("%s does not apply: %s", type(self.rule).__name__, str(exc).strip().splitlines()[-1:])
+            return None
+
+
 def gpu_rules() -> list[ScheduleRule]:
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [Skipping(rule) for rule in rules]
