@@ -30,7 +30,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from qcompile.ir.qformat import QuantizedWeight
+from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
 
 GEMV_MAX_ROWS = 4  # activation rows up to which the per-group factored GEMV kernel is used
 VNNI_ROW_BLOCKS = 4  # 16-row blocks per task of the int8 GEMV: four independent accumulators
@@ -68,20 +68,35 @@ def choose_lanes(rows: int) -> int:
 
 
 def vnni_eligible(weight: QuantizedWeight, rows_in: int) -> bool:
-    """The int8-activation GEMV applies: few activation rows, 2/4/8 bits, whole 4-byte words
-    per group, and output rows in blocks of 64 (four 16-lane accumulators)."""
-    codes_per_word = 32 // weight.bits
-    return (rows_in <= GEMV_MAX_ROWS and weight.bits in (2, 4, 8) and weight.rows % (16 * VNNI_ROW_BLOCKS) == 0
-            and weight.group_size % codes_per_word == 0)
+    """The int8-activation GEMV applies: few activation rows, 2/3/4/8 bits, whole 4-byte
+    words per group (3 bits: 32-code groups, see :func:`vnni_layout`), and output rows in
+    blocks of 64 (four 16-lane accumulators)."""
+    codes_per_word = 32 if weight.bits == 3 else 32 // weight.bits
+    return (rows_in <= GEMV_MAX_ROWS and weight.bits in (2, 3, 4, 8)
+            and weight.rows % (16 * VNNI_ROW_BLOCKS) == 0 and weight.group_size % codes_per_word == 0)
+
+
+def _word_major(packed: np.ndarray) -> np.ndarray:
+    """``[rows, bytes]`` -> ``[rows / 16, bytes / 4, 16, 4]``."""
+    rows, width = packed.shape
+    return np.ascontiguousarray(packed.reshape(rows // 16, 16, width // 4, 4).transpose(0, 2, 1, 3))
 
 
 def vnni_layout(weight: QuantizedWeight) -> CpuLayout:
-    blocks, words = weight.rows // 16, weight.packed.shape[1] // 4
+    """Word-major bytes for :func:`_gemv_vnni`. A 3-bit code is split into a 2-bit and a
+    1-bit plane (``c = lo + 4 * hi``), each packed like the 2- and 1-bit layouts and laid
+    end to end: still 3 bits per weight, but every plane yields whole bytes per lane."""
+    blocks = weight.rows // 16
 
     def interleave(values: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(values.reshape(blocks, 16, -1).transpose(0, 2, 1))
 
-    packed = np.ascontiguousarray(weight.packed.reshape(blocks, 16, words, 4).transpose(0, 2, 1, 3))
+    if weight.bits == 3:
+        codes = unpack_codes(weight.packed, 3)
+        planes = [pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)]
+        packed = np.concatenate([_word_major(plane) for plane in planes], axis=1)
+    else:
+        packed = _word_major(weight.packed)
     return CpuLayout(packed, interleave(weight.scales), interleave(weight.zero_points), 16, weight.rows, "vnni")
 
 
@@ -116,6 +131,8 @@ def _code(packed, block, byte_base, i, lane, bits: int):
 def qmatmul_cpu(rows_in: int, layout: CpuLayout, bits: int, group_size: int, padded_cols: int) -> tirx.PrimFunc:
     """``Y[M, N_pad] = X[M, K_pad] @ decode(W).T`` as a scheduled CPU PrimFunc."""
     if layout.kind == "vnni":
+        if bits == 3:
+            return _gemv_vnni3(rows_in, layout, group_size, padded_cols)
         return _gemv_vnni(rows_in, layout, bits, group_size, padded_cols)
     if rows_in <= GEMV_MAX_ROWS:
         return _gemv_cpu(rows_in, layout, bits, group_size, padded_cols)
@@ -233,6 +250,93 @@ def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pr
                         for lane in T.vectorized(16):
                             accf[rb, lane] = accf[rb, lane] + (
                                 T.Cast("float32", acci[rb, lane]) - T.Cast("float32", z[task * RB + rb, g, lane]) * xsum[m, g]
+                            ) * (T.Cast("float32", s[task * RB + rb, g, lane]) * xscale[m, g])
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        y[m, (task * RB + rb) * 16 + lane] = accf[rb, lane]
+
+    return kernel
+
+
+def _dpbusd(acc, codes, activations):
+    """``acc += sum of 4 u8 x s8 products per 32-bit lane`` (AVX-512 VNNI ``vpdpbusd``)."""
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                   T.reinterpret("int8x64", codes), T.reinterpret("int8x64", activations))
+
+
+def _gemv_vnni3(M: int, layout: CpuLayout, gs: int, K: int) -> tirx.PrimFunc:
+    """:func:`_gemv_vnni` for 3 bits over the two planes of :func:`vnni_layout`: the 2-bit
+    plane as the 2-bit kernel does, the 1-bit plane with 8 shifts per word, and
+    ``sum = sum_lo + 4 * sum_hi`` per group."""
+    NB = layout.packed.shape[0]
+    WT = layout.packed.shape[1]
+    G = K // gs
+    WL, WLG, WHG = K // 16, gs // 16, gs // 32
+    WH = K // 32
+    RB = VNNI_ROW_BLOCKS
+    N = NB * 16
+    SD = str(layout.scales.dtype)
+
+    def plane(word, shift: int, mask: int):
+        return T.bitwise_and(T.shift_right(word, T.broadcast(T.int32(shift), 16)), T.broadcast(T.int32(mask), 16))
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, WT, 16, 4), "uint8"),
+               s: T.Buffer((NB, G, 16), SD), z: T.Buffer((NB, G, 16), "uint8"),
+               y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xlo = T.alloc_buffer((M, WL, 4, 4), "int8")
+        xhi = T.alloc_buffer((M, WH, 8, 4), "int8")
+        xscale = T.alloc_buffer((M, G), "float32")
+        xsum = T.alloc_buffer((M, G), "float32")
+        for m, g in T.grid(M, G):
+            xscale[m, g] = T.float32(0)
+            for kk in range(gs):
+                xscale[m, g] = T.max(xscale[m, g], T.fabs(x[m, g * gs + kk]))
+            xscale[m, g] = T.max(xscale[m, g], T.float32(1e-30)) / T.float32(127)
+            xsum[m, g] = T.float32(0)
+            for kk in range(gs):
+                xlo[m, (g * gs + kk) // 16, (g * gs + kk) % 4, (g * gs + kk) % 16 // 4] = (
+                    T.Cast("int8", T.round(x[m, g * gs + kk] / xscale[m, g])))
+                xhi[m, (g * gs + kk) // 32, (g * gs + kk) % 8, (g * gs + kk) % 32 // 8] = (
+                    T.Cast("int8", T.round(x[m, g * gs + kk] / xscale[m, g])))
+                xsum[m, g] = xsum[m, g] + T.round(x[m, g * gs + kk] / xscale[m, g])
+        for task in T.parallel(NB // RB):
+            accf = T.alloc_buffer((RB, 16), "float32", scope="local")
+            acclo = T.alloc_buffer((RB, 16), "int32", scope="local")
+            acchi = T.alloc_buffer((RB, 16), "int32", scope="local")
+            for m in range(M):
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        accf[rb, lane] = T.float32(0)
+                for g in range(G):
+                    for rb in T.unroll(RB):
+                        for lane in T.vectorized(16):
+                            acclo[rb, lane] = 0
+                            acchi[rb, lane] = 0
+                    for wi in T.unroll(WLG):
+                        for t in T.unroll(4):
+                            for rb in T.unroll(RB):
+                                acclo[rb, T.ramp(0, 1, 16)] = _dpbusd(
+                                    acclo[rb, T.ramp(0, 1, 16)],
+                                    plane(T.reinterpret("int32x16", w.vload([task * RB + rb, g * WLG + wi, 0, 0],
+                                                                           "uint8x64")), t * 2, 0x03030303),
+                                    T.broadcast(T.reinterpret("int32", xlo.vload([m, g * WLG + wi, t, 0], "int8x4")),
+                                                16))
+                    for wi in T.unroll(WHG):
+                        for t in T.unroll(8):
+                            for rb in T.unroll(RB):
+                                acchi[rb, T.ramp(0, 1, 16)] = _dpbusd(
+                                    acchi[rb, T.ramp(0, 1, 16)],
+                                    plane(T.reinterpret("int32x16", w.vload([task * RB + rb, WL + g * WHG + wi, 0, 0],
+                                                                           "uint8x64")), t, 0x01010101),
+                                    T.broadcast(T.reinterpret("int32", xhi.vload([m, g * WHG + wi, t, 0], "int8x4")),
+                                                16))
+                    for rb in T.unroll(RB):
+                        for lane in T.vectorized(16):
+                            accf[rb, lane] = accf[rb, lane] + (
+                                T.Cast("float32", acclo[rb, lane] + acchi[rb, lane] * 4)
+                                - T.Cast("float32", z[task * RB + rb, g, lane]) * xsum[m, g]
                             ) * (T.Cast("float32", s[task * RB + rb, g, lane]) * xscale[m, g])
                 for rb in T.unroll(RB):
                     for lane in T.vectorized(16):

@@ -60,7 +60,7 @@ def test_parity_with_ir_reference(tmp_path, bits, group_size, sym, batch):
     assert packed and all(p.size * 8 // bits <= 200 * 64 * 2 for p in packed)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int8_activation_gemv(tmp_path, bits):
     """accuracy_level=4: GEMV layers quantize activations to int8 (VNNI), like MatMulNBits."""
     if not tvm_backend.has_vnni(tvm_backend._llvm_target("cpu")):
