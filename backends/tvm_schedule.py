@@ -2,15 +2,16 @@
 
 TVM's dlight has only two CPU rules (``GEMV`` and row ``Reduction``); everything else
 would ship as the unscheduled default (one thread, scalar loops, reduction over memory:
-~120x slower than ONNX Runtime on MiniLM). Two more rules close the gap without a
-tuning search:
+~120x slower than ONNX Runtime on MiniLM). Two more rules (and a last-resort
+:class:`CpuParallel`) close the gap without a tuning search:
 
 * :class:`CpuMatmul`: a block ``C[.., i, j] += A[.., i, k] * B[.., k, j]`` is tiled
   ``i`` by 4 and ``j`` by the vector width times 2, its accumulator tile cached in
   registers (``cache_write`` to ``local``), ``j`` vectorized, ``i`` unrolled, and the
-  outer tiles run in parallel (the classic register-blocked CPU GEMM schedule). When
-  ``B`` is read transposed (``B[.., j, k]``, attention's ``Q K^T``) it is first copied
-  into ``[k, j]`` order by its own parallel block.
+  outer tiles run in parallel (the classic register-blocked CPU GEMM schedule); its
+  elementwise epilogues (bias, scale, GELU) are inlined into the tile's write-back. When
+  ``B`` is read transposed (``B[.., j, k]``) it is first copied into ``[k, j]`` order by
+  its own parallel block.
 * :class:`CpuFallback`: every other block gets its outer spatial loops fused and run
   in parallel and its innermost spatial loop vectorized when that is contiguous.
 

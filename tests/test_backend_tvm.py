@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from qcompile.ir import io
 from qcompile.ir.runtime import make_session
 
 pytest.importorskip("tvm")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA artifacts are built with nvcc")
 
 
 def _compile(tmp_path, proto, spec, shapes, **kwargs):
@@ -104,6 +106,7 @@ def test_artifact_round_trip_and_cli_run(tmp_path, capsys):
         artifact.run({"ids": mlp_feeds(3)["ids"]})  # the artifact is compiled for batch 2
 
 
+@needs_nvcc
 def test_cuda_build_without_gpu(tmp_path):
     result, _ = _compile(tmp_path, mlp_model(), "quant(bits=3,min_size=0)", {"ids": (1, 4)}, target="cuda",
                          arch="sm_80,sm_90")
@@ -121,6 +124,7 @@ def test_cuda_build_without_gpu(tmp_path):
         assert out.shape == (4, 48)
 
 
+@needs_nvcc
 @pytest.mark.parametrize("bits", [3, 4])
 def test_cuda_build_of_a_gemv(tmp_path, bits):
     """One activation row: dlight's GEMV rule raises on some decode blocks; the build goes on."""
