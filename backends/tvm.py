@@ -149,9 +149,9 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
          input_shapes: dict[str, tuple[int, ...]] | None = None, accuracy_level: int = 4) -> dict:
     """Compile ``model`` into ``folder``; return the manifest's backend section.
 
-    ``accuracy_level`` 4 (as for ONNX Runtime's ``MatMulNBits``) lets GEMV-shaped
-    ``QMatMul`` layers quantize their activations to int8 and use the AVX-512 VNNI
-    kernel where the target CPU has it; 0-3 keep every kernel in float32."""
+    ``accuracy_level`` 4 (as for ONNX Runtime's ``MatMulNBits``) lets ``QMatMul`` layers
+    quantize their activations to int8 and use the AVX-512 VNNI kernel where the target
+    CPU has it; 0-3 keep every kernel in float32."""
     if target not in TARGETS:
         raise BackendError(f"backend tvm: unknown target {target!r} (targets: {', '.join(TARGETS)})")
     if not available():
@@ -162,9 +162,9 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
 
     cpu = target in ("cpu", "arm64")
     archs = parse_arch(arch) if target == "cuda" else []
-    int8_gemv = target == "cpu" and accuracy_level == 4 and has_vnni(_llvm_target("cpu"))
+    int8_activations = target == "cpu" and accuracy_level == 4 and has_vnni(_llvm_target("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):  # the importer prints on failures; we report instead
-        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes, int8_gemv=int8_gemv)
+        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes, int8_activations=int8_activations)
     module, _ = detach_params(imported.module)
     files: list[str] = []
     libraries: dict[str, str] = {}
@@ -202,7 +202,7 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
         "merged": [],
         "tvm_version": tvm.__version__,
         "accuracy_level": accuracy_level,
-        "int8_gemv": int8_gemv,
+        "int8_activations": int8_activations,
         "llvm_target": str(_llvm_target(target)) if cpu else None,
         "cuda_arch": archs,
         "linked": not libraries.get("cpu", "").endswith(".tar"),

@@ -63,18 +63,7 @@ class _Layer:
     layout: kernels.CpuLayout | None = None
 
 
-def _activation_rows(proto: onnx.ModelProto) -> dict[str, int]:
-    """Rows of every static float tensor (product of all but the last dimension)."""
-    rows = {}
-    for value in [*proto.graph.input, *proto.graph.value_info]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            rows[value.name] = int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
-    return rows
-
-
-def _quantized_layers(model: Model, cpu: bool, int8_gemv: bool = False,
-                      rows_of: dict[str, int] | None = None) -> dict[str, _Layer]:
+def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -> dict[str, _Layer]:
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
         fmt = node.attrs.get("format", "int")
@@ -85,8 +74,7 @@ def _quantized_layers(model: Model, cpu: bool, int8_gemv: bool = False,
         names = [node.inputs[first].name, node.inputs[2].name, node.inputs[3].name]
         layout = None
         if cpu and node.op == "QMatMul":
-            rows_in = (rows_of or {}).get(node.inputs[0].name, kernels.GEMV_MAX_ROWS + 1)
-            vnni = int8_gemv and kernels.vnni_eligible(weight, rows_in)
+            vnni = int8_activations and kernels.vnni_eligible(weight)
             layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
         layers[node.name] = _Layer(node.name, node.op, weight, names, layout)
     return layers
@@ -178,7 +166,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             if key not in self._kernel_cache:
                 func = kernels.qmatmul_cpu(rows, layer.layout, weight.bits, weight.group_size, padded_cols)
                 name = f"qmatmul{weight.bits}_{'gemv' if rows <= kernels.GEMV_MAX_ROWS else 'gemm'}"
-                name += "_vnni" if layer.layout.kind == "vnni" else ""
+                name += "_int8" if layer.layout.kind == "vnni" else ""
                 self._kernel_cache[key] = self.bb.add_func(func, name)
             out = relax.call_tir(self._kernel_cache[key], [flat, packed, scales, zero_points],
                                  relax.TensorType([rows, layer.layout.padded_rows], "float32"))
@@ -264,11 +252,12 @@ def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) 
 
 
 def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None,
-             int8_gemv: bool = False) -> ImportResult:
+             int8_activations: bool = False) -> ImportResult:
     """Import ``model`` (canonical IR) into Relax, with ``input_shapes`` fixing dynamic inputs.
 
-    ``int8_gemv``: QMatMul layers with few activation rows use the AVX-512 VNNI kernel
-    (activations quantized to int8 on the fly, like ``MatMulNBits`` ``accuracy_level=4``)."""
+    ``int8_activations``: QMatMul layers use the AVX-512 VNNI kernel where their shape
+    allows (activations quantized to int8 on the fly, like ``MatMulNBits`` at
+    ``accuracy_level=4``)."""
     proto = static_proto(model, input_shapes)
     model = Model.from_proto(proto)
     shapes, dtypes = {}, {}
@@ -280,7 +269,7 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
                 f"{value.name}=DxD... (the TVM artifact is compiled for static shapes)")
         shapes[value.name] = [d.dim_value for d in dims]
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
-    layers = _quantized_layers(model, cpu, int8_gemv, _activation_rows(proto))
+    layers = _quantized_layers(model, cpu, int8_activations)
     importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     try:

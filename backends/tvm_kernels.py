@@ -67,13 +67,15 @@ def choose_lanes(rows: int) -> int:
     return 16
 
 
-def vnni_eligible(weight: QuantizedWeight, rows_in: int) -> bool:
-    """The int8-activation GEMV applies: few activation rows, 2/3/4/8 bits, whole 4-byte
-    words per group (3 bits: 32-code groups, see :func:`vnni_layout`), and output rows in
-    blocks of 64 (four 16-lane accumulators)."""
+def vnni_eligible(weight: QuantizedWeight) -> bool:
+    """The int8-activation kernel applies: 2/3/4/8 bits, whole 4-byte words per group
+    (3 bits: 32-code groups, see :func:`vnni_layout`), and output rows in blocks of 64
+    (four 16-lane accumulators). Any number of activation rows: each weight word, loaded
+    once per row from L1/L2, feeds 64 multiply-adds per instruction, which measured 2x
+    faster than decoding to float even for MiniLM's 512-row GEMMs."""
     codes_per_word = 32 if weight.bits == 3 else 32 // weight.bits
-    return (rows_in <= GEMV_MAX_ROWS and weight.bits in (2, 3, 4, 8)
-            and weight.rows % (16 * VNNI_ROW_BLOCKS) == 0 and weight.group_size % codes_per_word == 0)
+    return (weight.bits in (2, 3, 4, 8) and weight.rows % (16 * VNNI_ROW_BLOCKS) == 0
+            and weight.group_size % codes_per_word == 0)
 
 
 def _word_major(packed: np.ndarray) -> np.ndarray:
@@ -180,7 +182,7 @@ def _gemv_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
 
 
 def _gemv_vnni(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.PrimFunc:
-    """GEMV with int8 activations on AVX-512 VNNI (``vpdpbusd``: 64 u8 x s8 products per
+    """GEMV (one activation row after another) with int8 activations on AVX-512 VNNI (``vpdpbusd``: 64 u8 x s8 products per
     instruction), as ONNX Runtime's ``MatMulNBits`` does with ``accuracy_level=4``.
 
     The activations are quantized per group (symmetric int8, ``scale = max|x| / 127``)

@@ -192,7 +192,7 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
 
         vnni = has_vnni(_llvm_target("cpu"))
         for bits in (4, 3, 2):
-            if vnni and tvm_kernels.vnni_eligible(weights[bits], 1):
+            if vnni and tvm_kernels.vnni_eligible(weights[bits]):
                 kernel, nbytes = tvm_cpu_kernel(weights[bits], x, vnni=True)
                 kernels.append((f"qcompile TVM int{bits} int8-act", kernel, nbytes, weights[bits]))
             kernel, nbytes = tvm_cpu_kernel(weights[bits], x)
