@@ -101,8 +101,13 @@ class Artifact:
         return dict(zip(self.output_names, values, strict=True))
 
 
-def load(folder: str | Path, *, providers: list[str] | None = None, threads: int | None = None) -> Artifact:
-    """Open an artifact folder written by :func:`qcompile.compile`."""
+def load(folder: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
+         device: str = "auto") -> Any:
+    """Open an artifact folder written by :func:`qcompile.compile`.
+
+    ONNX Runtime artifacts give an :class:`Artifact`; TVM ones a
+    :class:`qcompile.backends.tvm.TvmArtifact` (``device``: ``auto`` or ``cpu``), both
+    with ``run(feeds)``, ``input_names``, ``output_names`` and ``manifest``."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -112,6 +117,10 @@ def load(folder: str | Path, *, providers: list[str] | None = None, threads: int
         backend = manifest["backend"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if backend.get("backend") == "tvm":
+        from qcompile.backends import tvm as tvm_backend
+
+        return tvm_backend.load(folder, manifest, device)
     if backend.get("backend") != "ort":
         raise BackendError(f"{folder}: backend {backend.get('backend')!r} cannot be run by this version")
     wanted = providers or backend.get("providers") or ["CPUExecutionProvider"]

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qcompile.backends import artifact as artifact_io
 from qcompile.backends import ort as ort_backend
+from qcompile.backends import tvm as tvm_backend
 from qcompile.errors import UsageError
 from qcompile.frontends import load_model
 from qcompile.ir import io, qops
@@ -30,8 +33,12 @@ from .report import write_report
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ort", "auto")
+BACKENDS = ("ort", "tvm", "auto")
 EVAL_SAMPLES = 8
+# Which backend runs each quantized-weight format fast; ``auto`` picks TVM for a model
+# holding any format mapped to "tvm" (when TVM is installed), else ONNX Runtime.
+FORMAT_BACKENDS = {"int": "ort"}
+TARGETS = {"ort": ort_backend.TARGETS, "tvm": tvm_backend.TARGETS}
 
 
 @dataclass
@@ -75,6 +82,7 @@ def compile(
     on_pass=None,
     dump_dir: str | Path | None = None,
     report: str | Path | None = None,
+    arch: str | None = None,
 ) -> CompileResult:
     """Compile ``model`` through ``passes`` and emit an artifact folder.
 
@@ -87,11 +95,19 @@ def compile(
     ``dump_dir``: write the model after canonicalization and after every pass there,
     with each pass's record and structural diff (see :mod:`qcompile.dump`).
     ``report``: write a self-contained HTML report there (see :mod:`qcompile.report`).
+    ``backend``: ``ort``, ``tvm`` or ``auto`` (see :func:`choose_backend`); ``arch``: CUDA
+    compute capabilities for ``backend="tvm", target="cuda"`` (default ``sm_80,sm_90``).
+    The TVM backend compiles for static input shapes: ``input_shapes`` fixes them there
+    (the IR and the passes keep the model's dynamic dimensions).
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if target not in ort_backend.TARGETS:
-        raise UsageError(f"--target {target!r}: expected one of {', '.join(ort_backend.TARGETS)}")
+    allowed = sorted({t for targets in TARGETS.values() for t in targets}) if backend == "auto" else TARGETS[backend]
+    if target not in allowed:
+        raise UsageError(f"--target {target!r}: expected one of {', '.join(allowed)}"
+                         + (f" for --backend {backend}" if backend != "auto" else ""))
+    if arch is not None:
+        tvm_backend.parse_arch(arch)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise UsageError(f"--ort-accuracy-level {accuracy_level}: expected 0..4")
     pipeline = parse_pipeline(passes)
@@ -100,7 +116,8 @@ def compile(
     started = time.perf_counter()
 
     source = load_model(model, example_inputs=example_inputs)
-    canonical = canonicalize(source, shapes)
+    tvm_only = backend == "tvm" or (backend == "auto" and target not in ort_backend.TARGETS)
+    canonical = canonicalize(source, {} if tvm_only else shapes)
     calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None
     eval_samples = (calibration.head(EVAL_SAMPLES) if calibration is not None
                     else random_calibration(canonical, 4, seed=seed))
@@ -113,9 +130,15 @@ def compile(
     compiled, records = manager.run(canonical, ctx, on_pass=on_pass,
                                     after_pass=dumper.after_pass if dumper is not None else None)
 
+    chosen = choose_backend(backend, target, compiled)
     with io.atomic_directory(output) as staging:
-        backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
-        backend_error = _backend_error(manager, staging, backend_section, eval_samples)
+        if chosen == "tvm":
+            backend_section = tvm_backend.emit(compiled, staging, target=target, arch=arch, input_shapes=shapes,
+                                               accuracy_level=accuracy_level)
+            backend_error = _tvm_backend_error(manager, staging, backend_section, eval_samples, compiled)
+        else:
+            backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
+            backend_error = _backend_error(manager, staging, backend_section, eval_samples)
         manifest = _manifest(model, source, canonical, compiled, records, backend_section, staging)
         manifest["errors"] = {
             "calibration": eval_samples.source,
@@ -138,6 +161,53 @@ def load(folder: str | Path, **kwargs) -> artifact_io.Artifact:
 def _title(source: Any) -> str:
     text = str(source) if not hasattr(source, "graph") else "in-memory model"
     return f"qcompile report: {Path(text).name if os.sep in text else text}"
+
+
+def choose_backend(requested: str, target: str, model: Model) -> str:
+    """``requested`` unless it is ``auto``: then TVM for targets only TVM has (``arm64``)
+    or models holding a format :data:`FORMAT_BACKENDS` maps to TVM (if TVM is installed),
+    else ONNX Runtime."""
+    if requested != "auto":
+        return requested
+    if target not in ort_backend.TARGETS:
+        return "tvm"
+    formats = sorted({str(node.attrs.get("format", "int")) for node in model.quantized_nodes()})
+    wants_tvm = any(FORMAT_BACKENDS.get(fmt, "ort") == "tvm" for fmt in formats)
+    if wants_tvm and tvm_backend.available() and target in tvm_backend.TARGETS:
+        return "tvm"
+    return "ort"
+
+
+def _tvm_backend_error(manager: PassManager, folder: Path, backend: dict, samples: CalibrationSet,
+                       model: Model) -> dict:
+    """Like :func:`_backend_error` for a TVM artifact, whose inputs have static shapes: the
+    samples are grouped into batches of the compiled batch size (cycling to fill the last).
+    Measured only where the artifact can run here (a CPU build for this host) and the
+    samples' other dimensions match the compiled shapes."""
+    if backend["target"] != "cpu":
+        return {"note": f"not measured: a {backend['target']} artifact does not run on this machine"}
+    shapes = backend["input_shapes"]
+    mismatched = [name for name, shape in shapes.items()
+                  if tuple(samples.arrays[name].shape[1:]) != tuple(shape[1:])]
+    if mismatched:
+        return {"note": f"not measured: samples of {', '.join(mismatched)} do not have the compiled shape"}
+    batch = next(iter(shapes.values()))[0]
+    count = samples.n_samples
+    order = [i % count for i in range(-(-count // batch) * batch)]
+    artifact = tvm_backend.load(folder, {"backend": backend, "inputs": [_io_info(t) for t in model.graph.inputs]})
+    chunks = [artifact.run({name: value[order[start:start + batch]] for name, value in samples.arrays.items()})
+              for start in range(0, len(order), batch)]
+    emitted = {name: np.concatenate([chunk[name] for chunk in chunks])[: _rows(chunks[0][name], batch, count)]
+               for name in artifact.output_names}
+    return {
+        "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),
+        "artifact_vs_ir": compare_outputs(manager.final_outputs or {}, emitted),
+    }
+
+
+def _rows(first_chunk: np.ndarray, batch: int, count: int) -> int:
+    """Output rows of ``count`` samples when one batch of ``batch`` gives ``first_chunk``."""
+    return first_chunk.shape[0] // batch * count
 
 
 def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: CalibrationSet) -> dict:

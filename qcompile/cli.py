@@ -1,6 +1,6 @@
 """The ``qcompile`` command line.
 
-    qcompile MODEL [--passes SPEC] [--target cpu|cuda|edge] [-o OUT] [--calib SRC] ...
+    qcompile MODEL [--passes SPEC] [--target cpu|cuda|edge|arm64] [--backend auto|ort|tvm] [-o OUT] ...
     qcompile passes [--json]
     qcompile run ARTIFACT --inputs x.npz [--output y.npz] [--json]
     qcompile diff BEFORE.onnx AFTER.onnx [--calib SRC] [--json]
@@ -55,8 +55,11 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="ONNX file, or hf:FOLDER for a Hugging Face model folder")
     parser.add_argument("--passes", default="quant", help='ordered passes, e.g. "quant(bits=4,group_size=32)"')
-    parser.add_argument("--target", default="cpu", choices=["cpu", "cuda", "edge"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "ort"])
+    parser.add_argument("--target", default="cpu", choices=["cpu", "cuda", "edge", "arm64"],
+                        help="cpu, cuda, edge (ort: .ort format) or arm64 (tvm: aarch64 cross-compiled)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "ort", "tvm"],
+                        help="auto = ort unless the model holds formats only TVM runs fast (or --target arm64)")
+    parser.add_argument("--arch", help="tvm + cuda: compute capabilities, e.g. sm_80,sm_90 (default)")
     parser.add_argument("-o", "--output", help="artifact folder (default: MODEL.qcompile next to the model)")
     parser.add_argument("--calib", help="samples.npz, a folder of .npy, or random:N")
     parser.add_argument("--input-shape", action="append", metavar="NAME=DxD", help="static input shape (repeatable)")
@@ -167,6 +170,7 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             on_pass=lambda i, p: show and console.print(f"pass {i + 1}: [bold]{escape(str(p))}[/]"),
             dump_dir=args.dump_dir,
             report=args.report,
+            arch=args.arch,
         )
     if args.json:
         report: dict[str, Any] = {"output": str(result.path), "manifest": result.manifest}

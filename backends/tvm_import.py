@@ -1,0 +1,285 @@
+"""ONNX IR -> Relax, with every ``qcompile`` quantized op lowered by us.
+
+The Relax ONNX importer converts the standard ops. It has no hook for custom domains,
+so :class:`QuantizedImporter` subclasses it and intercepts the three quantized op
+types (``QMatMul``, ``QGather``, ``QConv``) where the importer dispatches a node:
+instead of their reference functions (which would decode every weight to float), a
+quantized node becomes a ``call_tir`` of one of our kernels
+(:mod:`qcompile.backends.tvm_kernels`) that reads the packed bytes directly.
+Intercepting inside the importer, rather than importing a float graph and
+substituting afterwards, keeps one pass over the graph and no placeholder
+bookkeeping; the importer's ``_convert_operator`` / ``_check_for_unsupported_ops``
+/ ``_parse_graph_initializers`` are the (private but stable) seams used.
+
+The packed weights, scales and zero points become parameters of ``main`` (after the
+model inputs), never Relax constants: constants would be folded (a ``QConv`` filter
+would be decoded to float at build time) and embedded in the library. They are
+saved beside the library as the artifact's packed params.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from qcompile.errors import UnsupportedModelError
+from qcompile.ir import qops
+from qcompile.ir.canonicalize import _set_input_shapes, infer_shapes
+from qcompile.ir.model import Model
+from qcompile.ir.qformat import QuantizedWeight
+
+from . import tvm_kernels as kernels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportResult:
+    """The Relax module and what the runtime needs beside it."""
+
+    module: tvm.IRModule
+    params: dict[str, np.ndarray]  # name -> array, in the order of ``main``'s trailing parameters
+    input_names: list[str]
+    input_shapes: dict[str, list[int]]
+    output_names: list[str]
+    kernels: dict[str, str] = field(default_factory=dict)  # quantized node -> kernel description
+
+
+@dataclass
+class _Layer:
+    node_name: str
+    op: str
+    weight: QuantizedWeight
+    param_names: list[str]
+    layout: kernels.CpuLayout | None = None
+
+
+def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -> dict[str, _Layer]:
+    layers: dict[str, _Layer] = {}
+    for node in model.quantized_nodes():
+        fmt = node.attrs.get("format", "int")
+        if fmt != "int":
+            raise UnsupportedModelError(f"backend tvm: {node.name}: format {fmt!r} is not supported yet")
+        weight = qops.read_weight(node)
+        first = 0 if node.op == "QGather" else 1
+        names = [node.inputs[first].name, node.inputs[2].name, node.inputs[3].name]
+        layout = None
+        if cpu and node.op == "QMatMul":
+            vnni = int8_activations and kernels.vnni_eligible(weight)
+            layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
+        layers[node.name] = _Layer(node.name, node.op, weight, names, layout)
+    return layers
+
+
+class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
+    """The Relax ONNX importer plus our lowering of ``qcompile`` quantized ops."""
+
+    def __init__(self, layers: dict[str, _Layer], *, cpu: bool, shape_dict: dict, dtype_dict: dict) -> None:
+        super().__init__(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=False)
+        self._layers = layers
+        self._cpu = cpu
+        self._weight_vars: dict[tuple[str, int], relax.Var] = {}
+        self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.kernel_names: dict[str, str] = {}
+
+    # -- seams of the base importer ----------------------------------------------
+
+    def _parse_graph_initializers(self, graph: onnx.GraphProto) -> None:
+        """Quantized weights become ``main`` parameters (in kernel layout); the rest constants."""
+        owned = {name: layer for layer in self._layers.values() for name in layer.param_names}
+        for init_tensor in graph.initializer:
+            if init_tensor.name not in owned:
+                self._nodes[init_tensor.name] = relax.const(self._parse_array(init_tensor))
+        for layer in self._layers.values():
+            for index, array in enumerate(self._kernel_arrays(layer)):
+                name = f"{layer.param_names[index]}"
+                if (layer.node_name, index) in self._weight_vars:
+                    continue
+                var = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
+                self._weight_vars[(layer.node_name, index)] = var
+                self._nodes[layer.param_names[index]] = var
+                self._params[f"{layer.node_name}:{index}"] = (var, tvm.runtime.tensor(array))
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+        convert_map = onnx_frontend._get_convert_map()
+        unsupported = sorted({node.op_type for node in graph.node
+                              if node.op_type not in convert_map and node.op_type not in ("If", "Constant")
+                              and not (node.domain == qops.DOMAIN and node.op_type in qops.QUANTIZED_OPS)})
+        if unsupported:
+            raise UnsupportedModelError(
+                f"backend tvm: the Relax ONNX importer does not support {', '.join(unsupported)} "
+                "(use --backend ort for this model)")
+
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        layer = self._layers.get(attrs.get("tvm_custom", {}).get("name", ""))
+        if layer is None or op_name != layer.op:
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+        if op_name == "QMatMul":
+            return self.bb.normalize(self._qmatmul(layer, inputs[0]))
+        if op_name == "QGather":
+            return self.bb.normalize(self._qgather(layer, inputs[1]))
+        return self._qconv(layer, inputs, attrs, opset)
+
+    # -- lowering -----------------------------------------------------------------
+
+    def _kernel_arrays(self, layer: _Layer) -> list[np.ndarray]:
+        if layer.layout is not None:
+            return [layer.layout.packed, layer.layout.scales, layer.layout.zero_points]
+        weight = layer.weight
+        return [weight.packed, weight.scales, weight.zero_points]
+
+    def _vars(self, layer: _Layer) -> list[relax.Var]:
+        return [self._weight_vars[(layer.node_name, index)] for index in range(3)]
+
+    def _flatten_rows(self, x: relax.Expr, width: int) -> tuple[relax.Expr, list[int]]:
+        shape = _shape(x)
+        if shape[-1] != width:
+            raise UnsupportedModelError(f"backend tvm: input width {shape[-1]} does not match the weight's {width}")
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        return self.bb.normalize(relax.op.reshape(x, [rows, width])), shape[:-1]
+
+    def _qmatmul(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
+        weight = layer.weight
+        if not _static(x):
+            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input shape is not static "
+                                        "(pass --input-shape NAME=DxD for every model input)")
+        if _dtype(x) != "float32":
+            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input is {_dtype(x)}, "
+                                        "expected float32")
+        flat, leading = self._flatten_rows(x, weight.cols)
+        rows = _shape(flat)[0]
+        padded_cols = weight.n_groups * weight.group_size
+        packed, scales, zero_points = self._vars(layer)
+        if layer.layout is not None:
+            if padded_cols != weight.cols:
+                flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, padded_cols - weight.cols]))
+            key = ("cpu", rows, layer.layout.packed.shape, weight.bits, weight.group_size, padded_cols)
+            if key not in self._kernel_cache:
+                func = kernels.qmatmul_cpu(rows, layer.layout, weight.bits, weight.group_size, padded_cols)
+                name = f"qmatmul{weight.bits}_{'gemv' if rows <= kernels.GEMV_MAX_ROWS else 'gemm'}"
+                name += "_int8" if layer.layout.kind == "vnni" else ""
+                self._kernel_cache[key] = self.bb.add_func(func, name)
+            out = relax.call_tir(self._kernel_cache[key], [flat, packed, scales, zero_points],
+                                 relax.TensorType([rows, layer.layout.padded_rows], "float32"))
+            result = self.bb.normalize(out)
+            if layer.layout.padded_rows != weight.rows:
+                result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
+            kind = "GEMV" if rows <= kernels.GEMV_MAX_ROWS else "GEMM"
+            detail = "int8 activations, VNNI" if layer.layout.kind == "vnni" else f"{layer.layout.lanes} lanes"
+            self.kernel_names[layer.node_name] = f"tvm decode-fused {kind} int{weight.bits} (cpu, {detail})"
+        else:
+            result = self.bb.normalize(self.bb.call_te(
+                kernels.qmatmul_te, flat, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
+                primfunc_name_hint=f"qmatmul{weight.bits}"))
+            self.kernel_names[layer.node_name] = f"tvm decode-fused matmul int{weight.bits} (dlight)"
+        return relax.op.reshape(result, [*leading, weight.rows])
+
+    def _qgather(self, layer: _Layer, indices: relax.Expr) -> relax.Expr:
+        weight = layer.weight
+        if not _static(indices):
+            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: indices shape is not static "
+                                        "(pass --input-shape NAME=DxD for every model input)")
+        shape = _shape(indices)
+        count = int(np.prod(shape, dtype=np.int64))
+        flat = self.bb.normalize(relax.op.reshape(indices, [count]))
+        packed, scales, zero_points = self._vars(layer)
+        result = self.bb.normalize(self.bb.call_te(
+            kernels.qgather_te, packed, flat, scales, zero_points, weight.bits, weight.group_size, weight.cols,
+            primfunc_name_hint=f"qgather{weight.bits}"))
+        self.kernel_names[layer.node_name] = f"tvm decode-fused gather int{weight.bits}"
+        return relax.op.reshape(result, [*shape, weight.cols])
+
+    def _qconv(self, layer: _Layer, inputs, attrs, opset) -> relax.Expr:
+        weight = layer.weight
+        packed, scales, zero_points = self._vars(layer)
+        decoded = self.bb.normalize(self.bb.call_te(
+            kernels.dequantize_te, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
+            primfunc_name_hint=f"dequantize{weight.bits}"))
+        shape = [int(d) for d in attrs["weight_shape"]]
+        kernel = self.bb.normalize(relax.op.reshape(decoded, shape))
+        conv_attrs = {k: v for k, v in attrs.items() if k in qops.CONV_ATTRIBUTES or k == "tvm_custom"}
+        conv_inputs = onnx_frontend.onnx_input()
+        for value in (inputs[0], kernel, inputs[4] if len(inputs) > 4 else None):
+            conv_inputs.append(value)
+        self.kernel_names[layer.node_name] = f"tvm decode int{weight.bits} + conv2d (decoded each call)"
+        return super()._convert_operator("Conv", conv_inputs, conv_attrs, opset)
+
+
+def _static(expr: relax.Expr) -> bool:
+    info = expr.ty
+    return isinstance(info, relax.TensorType) and info.shape is not None and all(
+        isinstance(d, tvm.tirx.IntImm) for d in info.shape.values)
+
+
+def _shape(expr: relax.Expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape.values]
+
+
+def _dtype(expr: relax.Expr) -> str:
+    dtype = expr.ty.dtype
+    return str(getattr(dtype, "dtype", dtype))
+
+
+def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) -> onnx.ModelProto:
+    """``model`` with its inputs fixed to ``input_shapes`` (others as they are), shapes
+    inferred and the shape computations folded: what the Relax importer needs."""
+    proto = model.to_proto()
+    if not input_shapes and all(d.HasField("dim_value") for v in proto.graph.input
+                                for d in v.type.tensor_type.shape.dim):
+        return proto
+    _set_input_shapes(proto, dict(input_shapes or {}))
+    for _ in range(4):  # folding can reveal shapes that let the next round fold more
+        graph = gs.import_onnx(infer_shapes(proto))
+        before = len(graph.nodes)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            graph.fold_constants(error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.functions = [f for f in graph.functions if f.domain != qops.DOMAIN]
+        folded = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)
+        proto = folded.to_proto()
+        if len(graph.nodes) == before:
+            break
+    return infer_shapes(proto)
+
+
+def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             int8_activations: bool = False) -> ImportResult:
+    """Import ``model`` (canonical IR) into Relax, with ``input_shapes`` fixing dynamic inputs.
+
+    ``int8_activations``: QMatMul layers use the AVX-512 VNNI kernel where their shape
+    allows (activations quantized to int8 on the fly, like ``MatMulNBits`` at
+    ``accuracy_level=4``)."""
+    proto = static_proto(model, input_shapes)
+    model = Model.from_proto(proto)
+    shapes, dtypes = {}, {}
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            raise UnsupportedModelError(
+                f"backend tvm: input {value.name!r} has a dynamic shape; pass --input-shape "
+                f"{value.name}=DxD... (the TVM artifact is compiled for static shapes)")
+        shapes[value.name] = [d.dim_value for d in dims]
+        dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+    layers = _quantized_layers(model, cpu, int8_activations)
+    importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
+    try:
+        module = importer.from_onnx(proto.graph, opset)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        log.debug("Relax import failed", exc_info=True)
+        raise UnsupportedModelError(
+            f"backend tvm: the Relax ONNX importer failed ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'})") from None
+    params = {name: value.numpy() for name, (_, value) in importer._params.items()}
+    return ImportResult(module, params, list(shapes), shapes, [o.name for o in proto.graph.output], importer.kernel_names)

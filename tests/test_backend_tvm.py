@@ -1,0 +1,228 @@
+"""The TVM backend: parity with the IR's ONNX Runtime reference, artifacts, targets, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import cnn_feeds, cnn_model, make_model, mlp_feeds, mlp_model
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from qcompile import api
+from qcompile.backends import tvm as tvm_backend
+from qcompile.cli import main
+from qcompile.errors import BackendError, CalibrationError, UnsupportedModelError, UsageError
+from qcompile.ir import io
+from qcompile.ir.runtime import make_session
+
+pytest.importorskip("tvm")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA artifacts are built with nvcc")
+
+
+def _compile(tmp_path, proto, spec, shapes, **kwargs):
+    """Compile with the TVM backend; also return the IR after the passes (an ONNX file ORT runs)."""
+    result = qcompile.compile(proto, passes=spec, backend="tvm", input_shapes=shapes, output=tmp_path / "out",
+                              dump_dir=tmp_path / "dump", **kwargs)
+    final = sorted((tmp_path / "dump").glob("0*.onnx"))[-1]
+    return result, io.load(final)
+
+
+def _reference(ir_model, feeds):
+    session = make_session(ir_model)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+
+
+@pytest.mark.parametrize("bits, group_size, sym, batch", [
+    (2, 32, False, 3),   # GEMM kernel (12 activation rows)
+    (3, 0, False, 3),    # per channel, codes straddling bytes
+    (4, 32, True, 1),    # GEMV kernel (4 rows), symmetric
+    (8, 0, False, 1),
+    (3, 16, True, 1),
+])
+def test_parity_with_ir_reference(tmp_path, bits, group_size, sym, batch):
+    spec = f"quant(bits={bits},group_size={group_size},sym={str(sym).lower()},min_size=0)"
+    feeds = mlp_feeds(batch, seed=bits)
+    result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
+                                calib={"ids": mlp_feeds(2 * batch, seed=7)["ids"]}, accuracy_level=0)
+    layers = result.manifest["layers"]
+    assert layers["fc1"]["kernel"].startswith("tvm decode-fused " + ("GEMV" if batch == 1 else "GEMM"))
+    assert layers["embed"]["kernel"].startswith("tvm decode-fused gather")
+    vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
+    assert vs_ir["cosine"] > 0.99999
+    got = qcompile.load(result.path).run(feeds)["y"]
+    want = _reference(ir_model, feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the packed bytes stay packed: params hold uint8 codes, no float copy of any weight matrix
+    params = np.load(result.path / "params.npz")
+    packed = [params[name] for name in params.files if params[name].dtype == np.uint8]
+    assert packed and all(p.size * 8 // bits <= 200 * 64 * 2 for p in packed)
+
+
+@pytest.mark.parametrize("bits, batch", [(2, 1), (3, 1), (4, 1), (8, 1), (4, 3)])
+def test_int8_activation_kernels(tmp_path, bits, batch):
+    """accuracy_level=4: QMatMul layers quantize activations to int8 (VNNI), like MatMulNBits."""
+    if not tvm_backend.has_vnni(tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    feeds = mlp_feeds(batch, seed=bits)
+    result, ir_model = _compile(tmp_path, mlp_model(), f"quant(bits={bits},min_size=0)", {"ids": (batch, 4)},
+                                calib={"ids": mlp_feeds(2, seed=7)["ids"]}, accuracy_level=4)
+    layers = result.manifest["layers"]
+    kind = "GEMV" if batch == 1 else "GEMM"
+    assert layers["fc1"]["kernel"] == f"tvm decode-fused {kind} int{bits} (cpu, int8 activations, VNNI)"
+    assert "VNNI" not in layers["fc2"]["kernel"]  # 96 output rows: not whole 64-row blocks
+    got = qcompile.load(result.path).run(feeds)["y"]
+    want = _reference(ir_model, feeds)["y"]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert 0.999 < cosine and not np.array_equal(got, want)
+
+
+def test_conv_model_parity(tmp_path):
+    feeds = cnn_feeds(2)
+    result, ir_model = _compile(tmp_path, cnn_model(), "quant(bits=4,min_size=0)", {"x": (2, 3, 16, 16)},
+                                calib={"x": cnn_feeds(4, seed=3)["x"]})
+    assert result.manifest["layers"]["conv1"]["kernel"].startswith("tvm decode int4 + conv2d")
+    got = qcompile.load(result.path).run(feeds)["y"]
+    np.testing.assert_allclose(got, _reference(ir_model, feeds)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_artifact_round_trip_and_cli_run(tmp_path, capsys):
+    result, _ = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)", {"ids": (2, 4)})
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["backend"]["backend"] == "tvm" and manifest["backend"]["input_shapes"] == {"ids": [2, 4]}
+    assert sorted(p.name for p in result.path.iterdir()) == ["manifest.json", "model.so", "params.npz"]
+    artifact = qcompile.load(result.path)
+    assert artifact.input_names == ["ids"] and artifact.output_names == ["y"]
+    feeds = mlp_feeds(2)
+    first = artifact.run(feeds)["y"]
+    np.savez(tmp_path / "x.npz", **feeds)
+    assert main(["run", str(result.path), "--inputs", str(tmp_path / "x.npz"), "--output",
+                 str(tmp_path / "y.npz"), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["y"], first)
+    with pytest.raises(CalibrationError, match="missing: ids"):
+        artifact.run({"x": feeds["ids"]})
+    with pytest.raises(CalibrationError):
+        artifact.run({"ids": mlp_feeds(3)["ids"]})  # the artifact is compiled for batch 2
+
+
+@needs_nvcc
+def test_cuda_build_without_gpu(tmp_path):
+    result, _ = _compile(tmp_path, mlp_model(), "quant(bits=3,min_size=0)", {"ids": (1, 4)}, target="cuda",
+                         arch="sm_80,sm_90")
+    backend = result.manifest["backend"]
+    assert backend["libraries"] == {"sm_80": "model.sm_80.so", "sm_90": "model.sm_90.so"}
+    assert all((result.path / name).stat().st_size > 0 for name in backend["libraries"].values())
+    assert "not measured" in result.manifest["errors"]["note"]
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        with pytest.raises(BackendError, match="no CUDA GPU"):
+            qcompile.load(result.path)
+    else:
+        out = qcompile.load(result.path).run(mlp_feeds(1))["y"]
+        assert out.shape == (4, 48)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cuda_build_of_a_gemv(tmp_path, bits):
+    """One activation row: dlight's GEMV rule raises on some decode blocks; the build goes on."""
+    rng = np.random.default_rng(0)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(rng.standard_normal((256, 128)).astype(np.float32), "w")],
+    )
+    result = qcompile.compile(proto, passes=f"quant(bits={bits})", backend="tvm", target="cuda", arch="sm_90",
+                              output=tmp_path / "out")
+    assert (result.path / "model.sm_90.so").stat().st_size > 0
+
+
+def test_arm64_build_is_aarch64(tmp_path):
+    result, _ = _compile(tmp_path, mlp_model(), "quant(bits=4,min_size=0)", {"ids": (1, 4)}, target="arm64")
+    library = result.path / result.manifest["backend"]["libraries"]["cpu"]
+    if library.suffix == ".so":
+        header = library.read_bytes()[:20]
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    else:
+        assert library.suffix == ".tar"  # no cross compiler: objects to link on the device
+    with pytest.raises(BackendError, match="aarch64"):
+        qcompile.load(result.path)
+
+
+def test_auto_backend_table(monkeypatch):
+    from qcompile.ir.canonicalize import canonicalize
+    from qcompile.ir.model import Model
+    from qcompile.passes.calibration import random_calibration
+    from qcompile.passes.context import PassContext, Progress
+    from qcompile.passes.manager import PassManager
+    from qcompile.passes.registry import parse_pipeline
+
+    model = canonicalize(Model.from_proto(mlp_model()))
+    assert api.choose_backend("auto", "cpu", model) == "ort"
+    assert api.choose_backend("auto", "arm64", model) == "tvm"
+    assert api.choose_backend("ort", "cpu", model) == "ort"
+    monkeypatch.setitem(api.FORMAT_BACKENDS, "int", "tvm")  # what adding `"bcq": "tvm"` does for bcq
+    ctx = PassContext(calib=None, target="cpu", seed=0, progress=Progress(),
+                      synthetic_calib=random_calibration(model, 4, seed=0))
+    compiled, _ = PassManager(parse_pipeline("quant(min_size=0)"), eval_samples=random_calibration(model, 2)).run(
+        model, ctx)
+    assert api.choose_backend("auto", "cpu", compiled) == "tvm"
+    assert api.choose_backend("auto", "edge", compiled) == "ort"  # TVM has no edge target
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), path)
+    assert main([str(path), "--backend", "tvm", "-o", str(tmp_path / "a")]) == 2
+    assert "dynamic shape; pass --input-shape ids=" in capsys.readouterr().err
+    assert main([str(path), "--backend", "tvm", "--target", "edge"]) == 2
+    assert main([str(path), "--backend", "tvm", "--target", "cuda", "--arch", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "expected one of cpu, arm64, cuda" in err and "--arch '80'" in err
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(UsageError):
+        tvm_backend.parse_arch("sm80")
+
+
+def test_unsupported_op_is_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Celu", ["h"], ["y"], name="act")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")],
+    )
+    with pytest.raises(UnsupportedModelError, match="does not support Celu"):
+        qcompile.compile(proto, passes="quant(min_size=0)", backend="tvm", output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.heavy
+def test_minilm_tvm_matches_ort_artifact(tmp_path):
+    from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize
+    from qcompile.frontends.text import english_sentences
+
+    folder = minilm_path()
+    feeds = tokenize(folder, english_sentences(16, "eval"), max_length=64)
+    calib = tokenize(folder, english_sentences(16, "calib"), max_length=64)
+    shapes = {name: (8, 64) for name in feeds}
+    ort_result = qcompile.compile(cached_minilm_onnx(), passes="quant(bits=4)", calib=calib,
+                                  output=tmp_path / "ort")
+    tvm_result = qcompile.compile(cached_minilm_onnx(), passes="quant(bits=4)", calib=calib, backend="tvm",
+                                  input_shapes=shapes, output=tmp_path / "tvm")
+    assert all("VNNI" in layer["kernel"] or layer["op"] == "QGather"
+               for layer in tvm_result.manifest["layers"].values()) or not tvm_result.manifest["backend"]["int8_activations"]
+    ort_artifact, tvm_artifact = qcompile.load(ort_result.path), qcompile.load(tvm_result.path)
+    batch = {k: v[:8] for k, v in feeds.items()}
+    ours = tvm_artifact.run(batch)["last_hidden_state"].reshape(-1, 384)
+    theirs = ort_artifact.run(batch)["last_hidden_state"].reshape(-1, 384)
+    token_cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
+    assert token_cosine.min() > 0.99  # both quantize activations to int8, each its own way
+    vs_fp32 = {"tvm": tvm_result.manifest["errors"]["artifact_vs_fp32"]["last_hidden_state"]["cosine"],
+               "ort": ort_result.manifest["errors"]["artifact_vs_fp32"]["last_hidden_state"]["cosine"]}
+    assert abs(vs_fp32["tvm"] - vs_fp32["ort"]) < 0.002
