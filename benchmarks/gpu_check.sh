@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step() { printf '\n[gpu_check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 step "GPU"
-nvidia-smi | head -n 12
+nvidia-smi | head -n 12 || true
 CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
 ARCH="sm_${CAP}"
 echo "compute capability: ${ARCH}"
