@@ -14,7 +14,7 @@ import numpy as np
 
 from qcompile.ir.cluster import ClusterWeight, encode, fit_grids, nearest_codes, storage_dtype
 
-from .gptq import inverse_hessian_factor
+from .gptq import inverse_hessian_factor, prepare_hessian, walk_columns
 
 
 def quantize_split(matrix: np.ndarray, ids: np.ndarray, *, k: int, bits: int, group_size: int,
@@ -38,31 +38,23 @@ def quantize_split(matrix: np.ndarray, ids: np.ndarray, *, k: int, bits: int, gr
 def _walk(weight: np.ndarray, hessian: np.ndarray, scales: np.ndarray, offsets: np.ndarray,
           column_group: np.ndarray, bits: int, damp: float, act_order: bool, block_size: int
           ) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ's column walk with :func:`nearest_codes` as the per-column quantizer."""
+    """GPTQ's column walk (:func:`walk_columns`) with :func:`nearest_codes` as the quantizer."""
+    weight, hessian = prepare_hessian(weight, hessian)
     rows, cols = weight.shape
-    dead = np.diag(hessian) <= 0
-    hessian = hessian.copy()
-    hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(cols)
     factor = inverse_hessian_factor(hessian[np.ix_(order, order)], damp)
-    work = weight[:, order]
     codes = np.empty((rows, cols), np.uint8)
     chosen = np.empty((rows, cols), np.uint8)
-    for begin in range(0, cols, block_size):
-        end = min(begin + block_size, cols)
-        block = work[:, begin:end].copy()
-        errors = np.empty_like(block)
-        for i in range(end - begin):
-            column = int(order[begin + i])
-            group = column_group[column]
-            grid_s, grid_o = scales[:, :, group : group + 1], offsets[:, :, group : group + 1]
-            code, choice = nearest_codes(block[:, i : i + 1], grid_s, grid_o, bits)
-            codes[:, column], chosen[:, column] = code[:, 0], choice[:, 0]
-            picked_s = np.take_along_axis(grid_s[:, :, 0], choice, axis=1)[:, 0]
-            picked_o = np.take_along_axis(grid_o[:, :, 0], choice, axis=1)[:, 0]
-            error = (block[:, i] - (picked_o + code[:, 0] * picked_s)) / factor[begin + i, begin + i]
-            block[:, i:] -= np.outer(error, factor[begin + i, begin + i : end])
-            errors[:, i] = error
-        work[:, end:] -= errors @ factor[begin:end, end:]
+
+    def quantize(position: int, pending: np.ndarray) -> np.ndarray:
+        column = int(order[position])
+        group = column_group[column]
+        grid_s, grid_o = scales[:, :, group : group + 1], offsets[:, :, group : group + 1]
+        code, choice = nearest_codes(pending[:, :1], grid_s, grid_o, bits)
+        codes[:, column], chosen[:, column] = code[:, 0], choice[:, 0]
+        picked_s = np.take_along_axis(grid_s[:, :, 0], choice, axis=1)[:, 0]
+        picked_o = np.take_along_axis(grid_o[:, :, 0], choice, axis=1)[:, 0]
+        return picked_o + code[:, 0] * picked_s
+
+    walk_columns(np.ascontiguousarray(weight[:, order]), factor, quantize, block_size)
     return codes, chosen

@@ -142,3 +142,23 @@ def test_property_split_random_graphs_stays_exact(seed, k, method, hidden):
     feeds = {"ids": np.random.default_rng(seed).integers(0, 200, (3, 4))}
     before, after, _ = _run(proto, f"split(method={method},k={k},min_size=0)", feeds)
     _assert_same_outputs(before, after, feeds)
+
+
+def test_cluster_gptq_beats_rtn_on_correlated_inputs():
+    from qcompile.passes.cluster_quant import quantize_split
+    from qcompile.passes.split import cluster_ids
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 64))
+    x[:, 1:] += 2 * x[:, :1]  # every input channel shares one strong component
+    hessian = x.T @ x
+    weight = rng.standard_normal((96, 64)).astype(np.float32)
+    ids = cluster_ids(weight, kmeans_thresholds(weight, 3, False, rng))
+
+    def output_error(quantized):
+        delta = quantized.dequantize() - weight
+        return float(np.trace(delta @ hessian @ delta.T))
+
+    rtn = quantize_split(weight, ids, k=3, bits=3, group_size=0, gram=hessian)
+    gptq = quantize_split(weight, ids, k=3, bits=3, group_size=0, gram=hessian, gptq=True)
+    assert output_error(gptq) < 0.5 * output_error(rtn)
