@@ -70,6 +70,8 @@ class Quant(Pass):
     damp: float = option(0.01, "gptq: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     act_order: bool = option(True, "gptq: quantize columns with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
+    cluster_group_size: int = option(0, "split groups (cluster format): weights per grid along the reduction "
+                                     "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
 
@@ -215,7 +217,7 @@ class Quant(Pass):
         nonzero = np.stack([m != 0 for m in matrices])
         ids = np.where(nonzero.any(axis=0), nonzero.argmax(axis=0), group.k // 2).astype(np.uint8)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
-        quantized = quantize_split(matrix, ids, k=group.k, bits=bits, group_size=max(self.group_size, 0),
+        quantized = quantize_split(matrix, ids, k=group.k, bits=bits, group_size=self.cluster_group_size,
                                    gram=gram, gptq=self.method == "gptq", damp=self.damp,
                                    act_order=self.act_order, clip_search=self.clip_search)
         constants = qops.weight_constants(layer_matrix(group.parts[0])[2], quantized)
