@@ -16,7 +16,9 @@ statistics exist, then a least-squares refinement of each scale. Method ``gptq``
 column-by-column error feedback (:mod:`qcompile.passes.gptq`); Conv and embeddings use
 rtn. Lossy; stats report, per layer, the weight SQNR and the SQNR and cosine of the
 layer's output over every calibration row (computed exactly from ``X^T X``). A weight shared by several
-layers of the same kind is quantized once and shared.
+layers of the same kind is quantized once and shared. A layer with at least ``sparse_min`` exact
+zeros (after ``prune``) is stored sparse (:mod:`qcompile.passes.sparsequant`): only its non-zeros
+are quantized, the zeros stay exactly zero (GPTQ included).
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import UsageError
 from qcompile.ir import qops
+from qcompile.ir.formats import Weight
 from qcompile.ir.model import Model
-from qcompile.ir.qformat import QuantizedWeight, quantize_int
+from qcompile.ir.qformat import quantize_int
+from qcompile.ir.sparse import SparseWeight
 
 from .actquant import activation_range, insert_qdq
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .sparsequant import quantize_sparse, zero_fraction
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ class Quant(Pass):
     embeddings: bool = option(True, "quantize Gather embedding tables too")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
+    sparse_min: float = option(0.3, "layers with at least this fraction of exact zeros (e.g. after prune) are "
+                               "stored sparse: only the non-zeros are quantized, zeros stay exactly zero; 1 = never",
+                               min=0.0, max=1.0)
 
     @property
     def integer_kernels(self) -> bool:
@@ -100,7 +108,7 @@ class Quant(Pass):
         grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
                                             allow_synthetic=self.act_aware)
         ctx.progress.start(f"{self.name}: layers", len(candidates))
-        shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
+        shared: dict[tuple[str, str], tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
         for node in candidates:
             layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
@@ -161,7 +169,11 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
-    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None) -> QuantizedWeight:
+    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None) -> Weight:
+        if self.sparse_min < 1 and zero_fraction(matrix) >= self.sparse_min:
+            return quantize_sparse(matrix, bits=self.bits, group_size=self.effective_group_size, sym=self.symmetric,
+                                   clip_search=self.clip_search, hessian=gram if self.method == "gptq" else None,
+                                   damp=self.damp, act_order=self.act_order)
         if self.method == "gptq" and gram is not None:
             return gptq_quantize(matrix, gram, bits=self.bits, group_size=self.effective_group_size,
                                  sym=self.symmetric,
@@ -179,4 +191,7 @@ class Quant(Pass):
             shared[key] = (quantized, qops.weight_constants(prefix, quantized))
         quantized, constants = shared[key]
         rewrite(model, node, quantized, constants, self.name)
-        return layer_stats(node.op, matrix, quantized, gram)
+        stats = layer_stats(node.op, matrix, quantized, gram)
+        if isinstance(quantized, SparseWeight):
+            stats.update(sparse=quantized.pattern, sparsity=round(zero_fraction(matrix), 4))
+        return stats

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
     "fold": "qcompile.passes.fold:Fold",
+    "prune": "qcompile.passes.prune:Prune",
     "quant": "qcompile.passes.quant:Quant",
 }
 
