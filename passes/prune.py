@@ -74,6 +74,8 @@ class Prune(Pass):
     layers: tuple[str, ...] = option((), "per-layer overrides glob=value (a fraction, N:M, or 0 = dense), separated by |")
     embeddings: bool = option(False, "prune Gather embedding tables too (by magnitude within each row)")
     damp: float = option(0.01, "update: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
+    sequential: bool = option(True, "with --calib: prune in stages, each stage's input statistics taken on the "
+                              "model pruned so far (slower: one calibration run per stage)")
     block_size: int = option(128, "update: columns per block (a multiple of M for N:M)", min=8, max=4096)
     skip: tuple[str, ...] = option((), "node-name glob patterns left dense, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay dense", min=0)
@@ -110,17 +112,26 @@ class Prune(Pass):
         if reason and ctx.calib is None:
             raise UsageError(f"{reason}: add --calib FILE")
         candidates, skipped = self._select(model)
-        linear = [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")]
-        grams, _ = ctx.statistics(model, gram_of=linear)
-        layer_grams = {n.name: _gram_for(n, grams) for n in candidates}
-        plan = self.plan(candidates, layer_grams)
-        changed, layers = self.apply(model, candidates, plan, layer_grams, ctx)
+        first_grams = self._grams(model, candidates, ctx) if self.allocate == "sensitivity" else {}
+        plan = self.plan(candidates, first_grams)
+        changed, layers = self.apply(model, candidates, plan, ctx)
         total = sum(s["params"] for s in layers.values())
         zeros = sum(s["params"] * s["sparsity"] for s in layers.values())
         stats = {"layers": layers, "skipped": skipped, "plan": plan, "pruned": len(layers),
                  "sparsity": round(zeros / total, 4) if total else 0.0,
-                 "activation_statistics": "calibration" if grams else "none"}
+                 "activation_statistics": "calibration" if ctx.calib is not None else "none",
+                 "sequential": self._sequential(ctx)}
         return PassResult(changed, stats)
+
+    def _sequential(self, ctx: PassContext) -> bool:
+        return self.sequential and ctx.calib is not None
+
+    @staticmethod
+    def _grams(model: Model, nodes: list[gs.Node], ctx: PassContext) -> dict[str, np.ndarray | None]:
+        """Per layer, ``X^T X`` of its input over the calibration rows (None: Conv, Gather, no data)."""
+        linear = [n.inputs[0].name for n in nodes if n.op in ("MatMul", "Gemm")]
+        grams, _ = ctx.statistics(model, gram_of=linear) if linear else ({}, {})
+        return {n.name: _gram_for(n, grams) for n in nodes}
 
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
         chosen, skipped = [], {}
@@ -193,22 +204,31 @@ class Prune(Pass):
     # -- apply -------------------------------------------------------------------------
 
     def apply(self, model: Model, nodes: list[gs.Node], plan: dict[str, dict[str, Any]],
-              grams: dict[str, np.ndarray | None], ctx: PassContext) -> tuple[bool, dict[str, dict]]:
-        """Prune every layer of ``nodes`` as ``plan`` says; returns (changed, per-layer stats)."""
+              ctx: PassContext) -> tuple[bool, dict[str, dict]]:
+        """Prune every layer of ``nodes`` as ``plan`` says; returns (changed, per-layer stats).
+
+        Sequentially (with calibration data and ``sequential``): in stages of layers that do not
+        feed each other, each stage's input statistics taken on the model pruned so far, so every
+        layer compensates for what was pruned before it (as Wanda's and SparseGPT's code do).
+        """
         ctx.progress.start(f"{self.name}: layers", len(nodes))
         done: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        pruned_names = {n.name for n in nodes}
         changed = False
         layers = {}
-        for node in nodes:
-            target = plan[node.name]
-            key = (node.inputs[1 if node.op != "Gather" else 0].name, f"{node.op}{node.attrs.get('transB', '')}")
-            if key not in done:  # a weight read by several layers of one kind is pruned once
-                matrix = _rows(node)
-                done[key] = (matrix, self._prune(node, matrix, target, grams[node.name]))
-            matrix, pruned = done[key]
-            changed |= _write_back(node, pruned, {n.name for n in nodes})
-            layers[node.name] = self._layer_stats(node, matrix, pruned, target, grams[node.name])
-            ctx.progress.advance()
+        stages = _stages(model, nodes) if self._sequential(ctx) else [nodes]
+        for stage in stages:
+            grams = self._grams(model, stage, ctx)
+            for node in stage:
+                target = plan[node.name]
+                key = (node.inputs[1 if node.op != "Gather" else 0].name, f"{node.op}{node.attrs.get('transB', '')}")
+                if key not in done:  # a weight read by several layers of one kind is pruned once
+                    matrix = _rows(node)
+                    done[key] = (matrix, self._prune(node, matrix, target, grams[node.name]))
+                matrix, pruned = done[key]
+                changed |= _write_back(node, pruned, pruned_names)
+                layers[node.name] = self._layer_stats(node, matrix, pruned, target, grams[node.name])
+                ctx.progress.advance()
         if changed:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         return changed, layers
@@ -265,6 +285,23 @@ class Prune(Pass):
         if gram is not None:
             stats.update(output_error(matrix.astype(np.float64), pruned.astype(np.float64), gram))
         return stats
+
+
+def _stages(model: Model, nodes: list[gs.Node]) -> list[list[gs.Node]]:
+    """``nodes`` grouped by how many of them lie upstream of their input: layers in one stage
+    do not feed each other (a transformer block gives Q/K/V, attention output, FFN up, FFN down)."""
+    wanted = {n.name for n in nodes}
+    depth: dict[str, int] = {}
+    stage_of: dict[str, int] = {}
+    for node in model.graph.toposort().nodes:
+        level = max((depth.get(t.name, 0) for t in node.inputs if not isinstance(t, gs.Constant)), default=0)
+        if node.name in wanted:
+            stage_of[node.name] = level
+            level += 1
+        for tensor in node.outputs:
+            depth[tensor.name] = level
+    return [stage for stage in ([n for n in nodes if stage_of[n.name] == k] for k in sorted(set(stage_of.values())))
+            if stage]
 
 
 def _target(value: str, where: str) -> dict[str, Any]:

@@ -255,3 +255,15 @@ def test_quant_keeps_dense_storage_below_the_threshold():
     assert all("sparse" not in n.attrs for n in result.quantized_nodes())
     result, _ = _run(model, "prune(sparsity=0.2,min_size=0),quant(bits=4,min_size=0,sparse_min=0.1)")
     assert any(n.attrs.get("sparse") == "bitmask" for n in result.quantized_nodes())
+
+
+def test_sparse_artifact_runs_in_onnx_runtime_through_the_reference_function(tmp_path):
+    import qcompile
+
+    result = qcompile.compile(mlp_model(), passes="prune(pattern=2:4,min_size=0,embeddings=true),quant(bits=4,min_size=0)",
+                              output=tmp_path / "out")
+    layers = result.manifest["layers"]
+    assert "no sparse kernel in ONNX Runtime" in layers["fc1"]["kernel"]
+    assert "int.nm" in layers["fc1"]["kernel"] and "QGather reference" in layers["embed"]["kernel"]
+    vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
+    assert vs_ir["max_abs"] < 1e-3 and vs_ir["cosine"] > 0.99999
