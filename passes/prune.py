@@ -74,8 +74,8 @@ class Prune(Pass):
     layers: tuple[str, ...] = option((), "per-layer overrides glob=value (a fraction, N:M, or 0 = dense), separated by |")
     embeddings: bool = option(False, "prune Gather embedding tables too (by magnitude within each row)")
     damp: float = option(0.01, "update: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
-    sequential: bool = option(True, "with --calib: prune in stages, each stage's input statistics taken on the "
-                              "model pruned so far (slower: one calibration run per stage)")
+    sequential: bool = option(False, "with --calib: prune in stages, each stage's input statistics taken on the "
+                              "model pruned so far (one calibration run per stage: slower)")
     block_size: int = option(128, "update: columns per block (a multiple of M for N:M)", min=8, max=4096)
     skip: tuple[str, ...] = option((), "node-name glob patterns left dense, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay dense", min=0)

@@ -267,3 +267,16 @@ def test_sparse_artifact_runs_in_onnx_runtime_through_the_reference_function(tmp
     assert "int.nm" in layers["fc1"]["kernel"] and "QGather reference" in layers["embed"]["kernel"]
     vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
     assert vs_ir["max_abs"] < 1e-3 and vs_ir["cosine"] > 0.99999
+
+
+def test_sequential_stages_follow_the_dataflow_and_keep_exact_sparsity():
+    from qcompile.passes.prune import _stages
+
+    model, calib = _mlp()
+    nodes = [n for n in model.graph.nodes if n.name in ("fc1", "fc2", "fc3")]
+    assert [[n.name for n in stage] for stage in _stages(model, nodes)] == [["fc1"], ["fc2"], ["fc3"]]
+    result, (record,) = _run(model, "prune(method=wanda,sequential=true,min_size=0)", calib)
+    assert record.stats["sequential"] is True
+    for name in ("fc1", "fc2", "fc3"):
+        weight = _weights(result)[name]
+        assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
