@@ -22,7 +22,9 @@ updated so far, and the remaining weights absorb the error (:mod:`qcompile.passe
 Global decision: :meth:`Prune.plan` gives each layer its sparsity or pattern (uniform;
 or ``allocate=sensitivity``: from the measured output error of candidate sparsities, a
 greedy allocation whose parameter-weighted mean meets ``sparsity``), then per-layer
-``layers`` overrides; :meth:`Prune.apply` prunes. The pruned model stays float (a later
+``layers`` overrides; :meth:`Prune.apply` prunes (with ``sequential``, in stages of layers
+that do not feed each other, each stage's statistics taken on the model pruned so far, as
+the reference implementations do). The pruned model stays float (a later
 ``quant`` stores pruned layers sparse). Lossy; stats report per layer the sparsity and
 the output SQNR/cosine over the calibration rows.
 """

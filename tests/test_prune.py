@@ -265,6 +265,7 @@ def test_sparse_artifact_runs_in_onnx_runtime_through_the_reference_function(tmp
     layers = result.manifest["layers"]
     assert "no sparse kernel in ONNX Runtime" in layers["fc1"]["kernel"]
     assert "int.nm" in layers["fc1"]["kernel"] and "QGather reference" in layers["embed"]["kernel"]
+    assert layers["fc1"]["sparse"] == "2:4" and layers["fc1"]["format"] == "int"
     vs_ir = result.manifest["errors"]["artifact_vs_ir"]["y"]
     assert vs_ir["max_abs"] < 1e-3 and vs_ir["cosine"] > 0.99999
 
