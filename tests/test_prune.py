@@ -281,3 +281,17 @@ def test_sequential_stages_follow_the_dataflow_and_keep_exact_sparsity():
     for name in ("fc1", "fc2", "fc3"):
         weight = _weights(result)[name]
         assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
+
+
+def test_inspection_counts_the_sparse_metadata_as_packed_weights():
+    from qcompile.inspection import layer_table
+
+    model, _ = _mlp()
+    result, _ = _run(model, "prune(sparsity=0.5,min_size=0),quant(bits=4,min_size=0)")
+    table = layer_table(result)
+    row = table["layers"]["fc2"]
+    assert row["format"] == "int" and row["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert row["bytes"] == qops.read_weight(next(n for n in result.graph.nodes if n.name == "fc2")).nbytes
+    sizes = table["totals"]["sizes"]
+    assert sum(sizes.values()) == result.constant_bytes()
+    assert sizes["packed"] >= sum(t.values.nbytes for t in result.tensors().values() if t.name.endswith(".mask"))
