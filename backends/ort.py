@@ -12,7 +12,8 @@
   hold whole groups: that kernel infers the row length from the packed bytes).
 * Everything else stays a ``qcompile`` op with its reference function, which ONNX
   Runtime inlines and constant-folds when the session starts: small on disk, FP32
-  speed (3-bit ``int`` weights, ``QConv``).
+  speed (3-bit ``int`` weights, ``QConv``, and sparse weights: ONNX Runtime has no
+  sparse kernel, so the bitmask / N:M forms are decoded to dense float).
 
 Targets: ``cpu``; ``cuda`` (CUDA execution provider first in the manifest); ``edge``
 (also writes the ``.ort`` format for ONNX Runtime Mobile).
@@ -32,6 +33,7 @@ from qcompile.errors import BackendError
 from qcompile.ir import io, qops, runtime
 from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
+from qcompile.ir.sparse import SparseWeight
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         if not qops.is_quantized(node):
             continue
         weight = qops.read_weight(node)
+        if isinstance(weight, SparseWeight):
+            kernels[node.name] = (f"{node.op} reference function, {weight.format} format ({weight.pattern}): no sparse "
+                                  "kernel in ONNX Runtime, decoded to dense float when the session starts")
+            continue
         if not isinstance(weight, QuantizedWeight):  # formats without an ONNX Runtime kernel
             kernels[node.name] = f"{node.op} reference function, {weight.format} format (decoded when the session starts)"
             continue

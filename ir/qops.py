@@ -12,7 +12,7 @@ must match.
     QGather(w[0], indices, *w[1:]) -> W[indices]     W: [V, D]  (GatherBlockQuantized's order)
     QConv(X, *w, B) -> Conv(X, reshape(W, weight_shape), B)
 
-Common attributes: ``format`` and the format's own (for ``int``: ``bits``,
+Common attributes: ``format`` (plus ``sparse`` for weights stored sparse) and the format's own (for ``int``: ``bits``,
 ``group_size``, ``cols`` = the reduction length before padding, ``sym``); QConv adds
 ``weight_shape`` and forwards the Conv attributes.
 """
@@ -28,6 +28,7 @@ from onnx import helper
 
 from . import bcq, cluster, qformat  # noqa: F401  (register their formats)
 from .formats import FunctionBody, Weight, WeightFormat, format_named, format_of
+from .sparse import registry_name, sparse_format
 
 DOMAIN = "qcompile"
 DOMAIN_VERSION = 1
@@ -40,7 +41,16 @@ def is_quantized(node: gs.Node) -> bool:
 
 
 def node_format(node: gs.Node) -> WeightFormat:
-    return format_named(str(node.attrs.get("format", "int")))
+    """The node's weight format: ``format``, wrapped by the ``sparse`` layout when the node has one
+    (see :mod:`qcompile.ir.sparse`)."""
+    name, layout = str(node.attrs.get("format", "int")), node.attrs.get("sparse")
+    return sparse_format(name, str(layout)) if layout else format_named(name)
+
+
+def format_name(node: gs.Node) -> str:
+    """The registry key of the node's weight format (``int``, ``int.bitmask``, ``int.nm``, ...)."""
+    name, layout = str(node.attrs.get("format", "int")), node.attrs.get("sparse")
+    return registry_name(name, str(layout)) if layout else name
 
 
 def format_attributes(weight: Weight) -> dict:
@@ -74,7 +84,7 @@ def layer_inputs(op: str, activation: gs.Tensor, weight: list[gs.Tensor], bias: 
 def describe(node: gs.Node) -> dict:
     """The format and its descriptive attributes (``bits``, ``group_size``, ``sym``, ``k``...)."""
     fmt = node_format(node)
-    described = {"format": fmt.name}
+    described = {"format": str(node.attrs.get("format", "int"))}  # the stored format; a sparse layout apart
     described.update({name: node.attrs[name] for name in fmt.attributes if name not in ("format", "cols")
                       and name in node.attrs})
     return described

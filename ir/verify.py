@@ -15,7 +15,6 @@ import onnx_graphsurgeon as gs
 from qcompile.errors import VerificationError
 
 from . import qops
-from .formats import FORMATS
 from .model import Model
 
 
@@ -54,9 +53,10 @@ def _check_names_and_dataflow(graph: gs.Graph) -> None:
 
 def _check_quantized(node: gs.Node) -> None:
     where = f"{node.op} {node.name!r}"
-    fmt = FORMATS.get(str(node.attrs.get("format")))
-    if fmt is None:
-        raise VerificationError(f"{where}: unknown format {node.attrs.get('format')!r}")
+    try:
+        fmt = qops.node_format(node)
+    except ValueError as exc:
+        raise VerificationError(f"{where}: {exc}") from None
     missing = [name for name in fmt.attributes if name not in node.attrs]
     if missing:
         raise VerificationError(f"{where}: {fmt.name} format attributes missing: {', '.join(missing)}")

@@ -16,7 +16,9 @@ statistics exist, then a least-squares refinement of each scale. Method ``gptq``
 column-by-column error feedback (:mod:`qcompile.passes.gptq`); Conv and embeddings use
 rtn. Lossy; stats report, per layer, the weight SQNR and the SQNR and cosine of the
 layer's output over every calibration row (computed exactly from ``X^T X``). A weight shared by several
-layers of the same kind is quantized once and shared.
+layers of the same kind is quantized once and shared. A layer with at least ``sparse_min`` exact
+zeros (after ``prune``) is stored sparse (:mod:`qcompile.passes.sparsequant`): only its non-zeros
+are quantized, the zeros stay exactly zero (GPTQ included).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from qcompile.errors import UsageError
 from qcompile.ir import qops
 from qcompile.ir.formats import Weight
 from qcompile.ir.model import Model
-from qcompile.ir.qformat import QuantizedWeight, quantize_int
+from qcompile.ir.qformat import quantize_int
+from qcompile.ir.sparse import SparseWeight
 
 from .actquant import activation_range, insert_qdq
 from .base import Pass, PassResult, matches_any, option
@@ -42,6 +45,7 @@ from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
 from .plan import planned_bits, read_plan
+from .sparsequant import quantize_sparse, zero_fraction
 from .split import GROUPS_KEY, SplitGroup, resolve_groups, split_groups
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,9 @@ class Quant(Pass):
                                      "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
+    sparse_min: float = option(0.3, "layers with at least this fraction of exact zeros (e.g. after prune) are "
+                               "stored sparse: only the non-zeros are quantized, zeros stay exactly zero; 1 = never",
+                               min=0.0, max=1.0)
 
     @property
     def integer_kernels(self) -> bool:
@@ -188,7 +195,11 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
-    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None, bits: int) -> QuantizedWeight:
+    def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None, bits: int) -> Weight:
+        if self.sparse_min < 1 and zero_fraction(matrix) >= self.sparse_min:
+            return quantize_sparse(matrix, bits=bits, group_size=self.effective_group_size, sym=self.symmetric,
+                                   clip_search=self.clip_search, hessian=gram if self.method == "gptq" else None,
+                                   damp=self.damp, act_order=self.act_order)
         if self.method == "gptq" and gram is not None:
             return gptq_quantize(matrix, gram, bits=bits, group_size=self.effective_group_size,
                                  sym=self.symmetric,
@@ -207,7 +218,10 @@ class Quant(Pass):
             shared[(key, bits)] = (quantized, qops.weight_constants(name, quantized))
         quantized, constants = shared[(key, bits)]
         rewrite(model, node, quantized, constants, self.name)
-        return layer_stats(node.op, matrix, quantized, gram)
+        stats = layer_stats(node.op, matrix, quantized, gram)
+        if isinstance(quantized, SparseWeight):
+            stats.update(sparse=quantized.pattern, sparsity=round(zero_fraction(matrix), 4))
+        return stats
 
     def _rewrite_group(self, model: Model, group: SplitGroup, bits: int, shared: dict, gram_rows: tuple | None
                        ) -> dict:

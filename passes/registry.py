@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "qcompile.passes"
 BUILTIN_PASSES = {
     "bits": "qcompile.passes.bits:Bits",
     "fold": "qcompile.passes.fold:Fold",
+    "prune": "qcompile.passes.prune:Prune",
     "quant": "qcompile.passes.quant:Quant",
     "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
     "split": "qcompile.passes.split:Split",

@@ -239,6 +239,8 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
             "bytes": weight.nbytes,
             "kernel": backend_section["kernels"].get(node.name, node.op),
         }
+        if node.attrs.get("sparse"):  # stored sparse: "bitmask" or "N:M"
+            layers[node.name]["sparse"] = getattr(weight, "pattern", str(node.attrs["sparse"]))
         if node.name in merged_with:
             layers[node.name]["merged_with"] = [n for n in merged_with[node.name] if n != node.name]
     return {

@@ -4,7 +4,7 @@
     qcompile passes [--json]
     qcompile run ARTIFACT --inputs x.npz [--output y.npz] [--json]
     qcompile diff BEFORE.onnx AFTER.onnx [--calib SRC] [--json]
-    qcompile inspect MODEL.onnx [--json]
+    qcompile inspect MODEL.onnx [--calib SRC] [--json]
     qcompile report ARTIFACT [-o report.html]
 
 Exit codes: 0 success, 2 bad usage or bad input, 1 compilation failed. Every error
@@ -110,6 +110,11 @@ def _diff_parser() -> argparse.ArgumentParser:
 def _inspect_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="qcompile inspect", description="Per-layer table of an ONNX model.")
     parser.add_argument("model", help="ONNX file: a plain model, or one with qcompile quantized layers")
+    parser.add_argument("--calib", help="samples.npz, a folder of .npy, or random:N: adds the activation sparsity "
+                        "of ReLU/GELU/SiLU feed-forward layers")
+    parser.add_argument("--cett", type=float, default=0.2,
+                        help="truncation error (CETT) the activation sparsity is measured at (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0)
     _common(parser)
     return parser
 
@@ -323,11 +328,22 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     from qcompile.ir import io
 
     console = _wide(console)
-    table = layer_table(io.load(args.model))
+    model = io.load(args.model)
+    table = layer_table(model)
+    if args.calib:
+        from qcompile.activations import activation_sparsity
+        from qcompile.passes.calibration import load_calibration
+
+        if not 0.0 < args.cett < 1.0:
+            raise UsageError(f"--cett {args.cett}: expected a fraction in (0, 1)")
+        samples = load_calibration(args.calib, model, seed=args.seed)
+        table["activation_sparsity"] = activation_sparsity(model, samples, cett=args.cett)
     if args.json:
         print(json.dumps(table, default=str))
     else:
         console.print(views.layer_table(table, title=str(args.model)))
+        if "activation_sparsity" in table:
+            console.print(views.activation_sparsity(table["activation_sparsity"]))
     return EXIT_OK
 
 

@@ -187,8 +187,8 @@ def size_breakdown(model: Model) -> dict[str, int]:
     """Initializer bytes by kind: packed weights, scales + zero points, embeddings, other float.
 
     ``embeddings`` are the tables of ``Gather``/``QGather`` layers (packed, scales and zero
-    points included when quantized); ``packed`` and ``scales_zero_points`` are those of the
-    other quantized layers; ``other`` is every remaining initializer. They add up to
+    points included when quantized); ``packed`` (with a sparse weight's metadata) and
+    ``scales_zero_points`` are those of the other quantized layers; ``other`` is every remaining initializer. They add up to
     :meth:`Model.constant_bytes`.
     """
     kinds: dict[str, str] = {}
@@ -199,6 +199,8 @@ def size_breakdown(model: Model) -> dict[str, int]:
             kinds.setdefault(packed.name, "embeddings" if embedding else "packed")
             for tensor in parameters:
                 kinds.setdefault(tensor.name, "embeddings" if embedding else "scales_zero_points")
+            for tensor in qops.weight_inputs(node)[3:]:  # a sparse layout's bitmask / N:M positions
+                kinds.setdefault(tensor.name, "embeddings" if embedding else "packed")
         elif node.op == "Gather" and float_weight(node) is not None:
             kinds.setdefault(node.inputs[0].name, "embeddings")
     sizes = {"packed": 0, "scales_zero_points": 0, "embeddings": 0, "other": 0}

@@ -241,6 +241,23 @@ def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
     return Group(Text(title, style="bold"), table, *(Text(line) for line in lines))
 
 
+def activation_sparsity(report: dict[str, dict[str, Any]]) -> RenderableType:
+    """``qcompile inspect --calib``: activation sparsity per feed-forward layer (Sparsing Law's CETT)."""
+    if not report:
+        return Text("no ReLU/GELU/SiLU feed-forward layer found: no activation sparsity to report")
+    table = _table("activation sparsity of feed-forward layers (calibration data)")
+    for column in ("layer", "activation", "width", "tokens", "exact zeros", "sparsity at CETT"):
+        table.add_column(column, justify="left" if column in ("layer", "activation") else "right", overflow="fold")
+    labels = short_names(list(report))
+    for name, row in report.items():
+        table.add_row(labels[name], row["activation"], str(row["width"]), str(row["tokens"]),
+                      f"{row['zero_fraction']:.1%}", f"{row['cett_sparsity']:.1%}")
+    cett = next(iter(report.values()))["cett"]
+    note = (f"sparsity at CETT = share of neuron activations a kernel could skip with a truncation error of "
+            f"{cett:g} (|a_i|·||W_down[i]|| below a per-layer threshold; Sparsing Law)")
+    return Group(table, Text(note))
+
+
 def skipped_table(skipped: list[dict[str, str]]) -> RenderableType:
     if not skipped:
         return Text("every candidate layer was rewritten: no pass left a layer alone")
