@@ -15,12 +15,17 @@ statistics exist, then a least-squares refinement of each scale. Method ``gptq``
 (MatMul/Gemm; needs calibration data): the same group parameters, then GPTQ's
 column-by-column error feedback (:mod:`qcompile.passes.gptq`); Conv and embeddings use
 rtn. Lossy; stats report, per layer, the weight SQNR and the SQNR and cosine of the
-layer's output over every calibration row (computed exactly from ``X^T X``). A weight shared by several
-layers of the same kind is quantized once and shared.
+layer's output over every calibration row (computed exactly from ``X^T X``). Layers whose weights
+hold the same values (as ``[rows, cols]``) are quantized once and share the quantized initializers:
+a tied embedding and LM head (``Gather`` on the table, ``MatMul`` on its transposed copy) become a
+``QGather`` and a ``QMatMul`` reading the same packed bytes, quantized with the LM head's input
+statistics. Stats also count the LLM patterns seen (SwiGLU MLPs, attention MatMuls between
+activations, which have no weight and are left alone).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,6 +43,7 @@ from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .patterns import activation_matmuls, swiglus
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +105,31 @@ class Quant(Pass):
         act_inputs = [n.inputs[0].name for n in candidates if n.op != "Gather"] if self.act_bits else []
         grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
                                             allow_synthetic=self.act_aware)
+        patterns = {"swiglu": len(swiglus(model.graph)),
+                    "activation_matmuls_left_alone": len(activation_matmuls(model.graph))}
+        keys = {node.name: content_key(layer_matrix(node)[0]) for node in candidates}
+        groups: dict[str, list[gs.Node]] = {}
+        for node in candidates:
+            groups.setdefault(keys[node.name], []).append(node)
+        # a shared weight is quantized with the statistics of the first member that has them
+        # (for a tied embedding: the LM head's input; the embedding lookup has none)
+        group_grams = {key: next((grams[m.inputs[0].name] for m in members
+                                  if m.op in ("MatMul", "Gemm") and m.inputs[0].name in grams), None)
+                       for key, members in groups.items()}
         ctx.progress.start(f"{self.name}: layers", len(candidates))
-        shared: dict[tuple[str, str], tuple[QuantizedWeight, list[gs.Constant]]] = {}
+        shared: dict[str, tuple[QuantizedWeight, list[gs.Constant]]] = {}
         layers = {}
         for node in candidates:
-            layers[node.name] = self._rewrite(model, node, shared, grams.get(node.inputs[0].name))
+            key = keys[node.name]
+            layers[node.name] = self._rewrite(model, node, shared, key, grams.get(node.inputs[0].name),
+                                              group_grams[key])
             ctx.progress.advance()
         activation_quantizers = self._quantize_activations(model, candidates, activations)
+        shared_groups = {members[0].name: [m.name for m in members] for members in groups.values()
+                         if len(members) > 1}
+        patterns["tied_embeddings"] = sum(1 for members in groups.values()
+                                          if {m.op for m in members} >= {"Gather", "MatMul"}
+                                          or {m.op for m in members} >= {"Gather", "Gemm"})
         if candidates:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {
@@ -116,6 +140,8 @@ class Quant(Pass):
             "activation_statistics": "synthetic" if ctx.uses_synthetic and grams else
                                      ("calibration" if grams else "none"),
             "activation_quantizers": activation_quantizers,
+            "shared": shared_groups,
+            "patterns": patterns,
         }
         return PassResult(bool(candidates), stats)
 
@@ -171,12 +197,22 @@ class Quant(Pass):
                             clip_search=self.clip_search,
                             importance=importance)
 
-    def _rewrite(self, model: Model, node: gs.Node, shared: dict, gram_rows: tuple | None) -> dict:
-        matrix, key, prefix = layer_matrix(node)
+    def _rewrite(self, model: Model, node: gs.Node, shared: dict, key: str, gram_rows: tuple | None,
+                 group_gram_rows: tuple | None) -> dict:
+        matrix, _, prefix = layer_matrix(node)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
         if key not in shared:
-            quantized = self._quantize(matrix, gram)
+            rows = group_gram_rows if group_gram_rows is not None else gram_rows
+            group_gram = rows[0] if rows is not None and rows[0].shape[0] == matrix.shape[1] else None
+            quantized = self._quantize(matrix, group_gram)
             shared[key] = (quantized, qops.weight_constants(prefix, quantized))
         quantized, constants = shared[key]
         rewrite(model, node, quantized, constants, self.name)
         return layer_stats(node.op, matrix, quantized, gram)
+
+
+def content_key(matrix: np.ndarray) -> str:
+    """Identity of a weight by value: shape and a BLAKE2b digest of its float32 ``[rows, cols]`` bytes."""
+    data = np.ascontiguousarray(matrix, np.float32)
+    digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    return f"{data.shape[0]}x{data.shape[1]}:{digest}"
