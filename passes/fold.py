@@ -14,6 +14,10 @@
   consumer's bias (``b' = b + z W``; RMSNorm has no beta to take the centre, so it is
   scaled only and stats say so). With ``pow2`` every scale is a power of two
   (LLM-FP4's pre-shifted exponent bias), so a folded scale is a shift.
+  The same migration inside a **SwiGLU** MLP (``down(act(gate(x)) * up(x))``): the
+  product is linear in ``up``'s output, so ``1/s`` goes into ``up``'s output columns and
+  ``s`` into ``down``'s input rows (``swiglu``; the down projection's input is where LLM
+  activation outliers are largest).
   Where the normalised output also feeds other nodes (the residual of a post-LN
   transformer such as BERT), ``compensate`` gives those readers the original values
   back through a ``Mul`` by ``s`` (exact, one elementwise op); without it such a
@@ -37,7 +41,7 @@ from qcompile.ir.model import Model, constant_bias_add
 
 from .base import Pass, PassResult, option
 from .context import PassContext
-from .patterns import RMSNorm, rmsnorms
+from .patterns import RMSNorm, SwiGLU, rmsnorms, swiglus
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class Fold(Pass):
                           min=0.0, max=1.0)
     shift: bool = option(False, "also centre each channel (OutlierTune), compensated in consumer biases")
     pow2: bool = option(False, "round every scale to a power of two (a fold becomes a shift)")
+    swiglu: bool = option(True, "also migrate outliers of a SwiGLU MLP's product from down_proj into up_proj")
     compensate: bool = option(True, "when the normalised output also feeds other nodes (a residual), "
                               "undo the scale on those branches with a Mul (exact; one small op each)")
 
@@ -68,6 +73,8 @@ class Fold(Pass):
             changed |= self._fold_batchnorms(model, stats)
         if self.smooth:
             changed |= self._smooth(model, ctx, stats)
+        if self.smooth and self.swiglu:
+            changed |= self._smooth_mlps(model, ctx, stats)
         if changed:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(changed, stats)
@@ -179,6 +186,47 @@ class Fold(Pass):
             record["shift"] = "not applied: RMSNorm has no beta to take the centre"
         stats["smoothed"][norm.name] = record
 
+    def _smooth_mlps(self, model: Model, ctx: PassContext, stats: dict) -> bool:
+        """SmoothQuant between ``up`` and ``down`` of every SwiGLU MLP (exact: the product is linear in up)."""
+        mlps = swiglus(model.graph)
+        stats["matched"]["SwiGLU"] = len(mlps)
+        chosen = []
+        for mlp in mlps:
+            reason = _mlp_blocker(mlp, model)
+            if reason:
+                stats["skipped"][mlp.down.name] = reason
+            else:
+                chosen.append(mlp)
+        if not chosen:
+            return False
+        activations = ctx.capture(model, [m.down.inputs[0].name for m in chosen], allow_synthetic=True)
+        for mlp in chosen:
+            rows = activations[mlp.down.inputs[0].name]
+            act_max = np.abs(rows).max(axis=0).astype(np.float64)
+            down_rows = _input_rows(mlp.down)
+            up_rows = _input_rows(mlp.up)
+            weight_max = np.abs(down_rows).max(axis=1)
+            scales = np.clip(np.power(np.maximum(act_max, 1e-5), self.alpha)
+                             / np.power(np.maximum(weight_max, 1e-5), 1 - self.alpha), 1e-5, None)
+            if self.pow2:
+                scales = np.exp2(np.round(np.log2(scales)))
+            _set_input_rows(mlp.up, up_rows / scales[None, :])
+            _set_input_rows(mlp.down, down_rows * scales[:, None])
+            for node in (mlp.up, mlp.down):
+                model.mark(node, self.name)
+            stats["smoothed"][mlp.down.name] = {
+                "kind": "SwiGLU",
+                "consumers": [mlp.down.name],
+                "compensated": [],
+                "scaled_outputs_of": mlp.up.name,
+                "max_scale": float(scales.max()),
+                "min_scale": float(scales.min()),
+                "activation_absmax_before": float(act_max.max()),
+                "activation_absmax_after": float((act_max / scales).max()),
+            }
+        stats["activation_statistics"] = "synthetic" if ctx.uses_synthetic else "calibration"
+        return True
+
     def _scale_layer_norm(self, norm: gs.Node, scales: np.ndarray, centre: np.ndarray, channels: int) -> None:
         """Divide LayerNormalization's gamma and (beta - centre) by the scales."""
         gamma, beta = norm.inputs[1], norm.inputs[2] if len(norm.inputs) > 2 else None
@@ -272,6 +320,23 @@ def _smooth_blocker(norm: gs.Node, model: Model, compensate: bool, tied: set[str
     if norm.attrs.get("axis", -1) not in (-1, len(norm.inputs[0].shape or [0]) - 1):
         return "normalises over more than the last axis"
     return _output_blocker(norm, model, compensate, tied)
+
+
+def _mlp_blocker(mlp: SwiGLU, model: Model) -> str | None:
+    """Why a SwiGLU's up/down pair cannot take a scale, or None."""
+    if model.provenance.get(mlp.down.name) == "fold":  # only this migration rewrites a down projection
+        return "already smoothed by an earlier fold"
+    up_out, product_out = mlp.up.outputs[0], mlp.product.outputs[0]
+    if len(up_out.outputs) != 1 or up_out in model.graph.outputs:
+        return f"{mlp.up.name!r}'s output has other readers than the gated product"
+    if len(product_out.outputs) != 1 or product_out in model.graph.outputs:
+        return "the gated product has other readers than the down projection"
+    for layer in (mlp.up, mlp.down):
+        if len(layer.inputs[1].shape or ()) != 2:
+            return f"{layer.name!r} has no 2-D constant weight"
+    if len(mlp.up.inputs[1].outputs) != 1 or len(mlp.down.inputs[1].outputs) != 1:
+        return "the up or down weight is shared with another layer"
+    return None
 
 
 def _output_blocker(norm: gs.Node, model: Model, compensate: bool, tied: set[str] | None = None) -> str | None:
