@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import re
 import shutil
@@ -51,10 +52,10 @@ from qcompile.llm_eval import (  # noqa: E402
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:smollm2:start -->", "<!-- bench:smollm2:end -->"
 DEFAULT_PASSES = (
-    "quant(bits=4)",
-    "quant(bits=4,group_size=128)",
     "quant(bits=3,method=gptq)",
+    "quant(bits=4,group_size=128)",
     "quant(bits=2,group_size=64,method=gptq)",
+    "quant(bits=4)",
 )
 DEFAULT_ORT = ("rtn:4", "hqq:4", "hqq:2")
 
@@ -79,9 +80,17 @@ def _build_qcompile(source: Path, work: Path, spec: str, calib: dict, rebuild: b
     started = time.perf_counter()
     if rebuild and target.exists():
         shutil.rmtree(target)
-    if not target.is_dir():
-        qcompile.compile(str(source), passes=spec, calib=calib, output=target)
+    if not target.is_dir():  # in a child process: the compiler's peak memory is returned when it ends
+        child = multiprocessing.get_context("spawn").Process(target=_compile, args=(source, spec, calib, target))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not target.is_dir():
+            raise SystemExit(f"compiling {spec} failed (exit code {child.exitcode})")
     return f"qcompile {spec}", target, time.perf_counter() - started
+
+
+def _compile(source: Path, spec: str, calib: dict, target: Path) -> None:
+    qcompile.compile(str(source), passes=spec, calib=calib, output=target)
 
 
 def _size_mb(path: Path) -> float:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_windows = token_windows(tokenizer, english_text("eval"), count=args.windows)
     past_shapes = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in fp32.past_inputs}
     calib = calibration_arrays(fp32.input_names, tokenizer, samples=args.calib_windows, past_shapes=past_shapes)
+    del fp32  # builds run with as little memory held here as possible
 
     builds: list[tuple[str, Path, float]] = [("ONNX Runtime FP32", source, 0.0)]
     builds += [_build_ort(source, args.work, spec, args.rebuild) for spec in args.ort]
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, models = [], {}
     for label, path, seconds in builds:
-        lm = fp32 if path == source else open_lm(path)
+        lm = open_lm(path)
         models[label] = lm
         answer = generate(lm, tokenizer)
         row = {"setting": label, "path": str(path), "mb": _size_mb(path), "build_s": seconds,
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                **perplexity(lm, eval_windows)}
         rows.append(row)
         print(f"{label}: {row['mb']:.1f} MB, ppl {row['perplexity']:.2f}, {answer!r}", flush=True)
+        if args.json:  # partial results survive an interrupted run
+            args.json.write_text(json.dumps({"rows": rows}, indent=2, default=str))
     bandwidth = memory_bandwidth_gbs()
     timings = decode_latency(models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                              rounds=args.rounds)
