@@ -96,6 +96,8 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         elif native and node.op == "QMatMul":
             name = node.inputs[1].name
             views = _gather_views(node, weight, gather_constants[name]) if name in tied else None
+            if views is None and _read_by_qgather(node.inputs[1]):
+                views = _packed_view(node, weight)
             replacement = [_matmul_nbits(node, weight, accuracy_level, constant_bias_add(graph, node, weight.rows),
                                          views[0] if views else None)]
             replacement += views[1] if views else []
@@ -143,6 +145,26 @@ def _tied_weights(graph: gs.Graph) -> set[str]:
             first_gather.setdefault(node.inputs[0].name, graph.nodes.index(node))
     matmul_positions = {node.inputs[1].name: graph.nodes.index(node) for node in graph.nodes if node.op == "QMatMul"}
     return {name for name in gathers & matmuls if first_gather[name] < matmul_positions[name]}
+
+
+def _read_by_qgather(packed: gs.Tensor) -> bool:
+    return any(reader.op == "QGather" for reader in packed.outputs)
+
+
+def _packed_view(node: gs.Node, weight: QuantizedWeight) -> tuple[list[gs.Tensor], list[gs.Node]] | None:
+    """MatMulNBits' B as a Reshape view of the IR's packed bytes, which a QGather that keeps its
+    reference function (rows not a whole number of groups) also reads: one copy of a tied table."""
+    packed = node.inputs[1]
+    blob = weight.group_size * weight.bits // 8
+    if not isinstance(packed, gs.Constant) or packed.values.size != weight.rows * weight.n_groups * blob:
+        return None
+    view = gs.Variable(f"{node.name}.tied_data", np.uint8)
+    shape = gs.Constant(f"{node.name}.tied_data_shape", np.array([weight.rows, weight.n_groups, blob], np.int64))
+    reshape = gs.Node("Reshape", f"{node.name}/tied_data", inputs=[packed, shape], outputs=[view])
+    scales = gs.Constant(f"{packed.name}.nbits_scales", weight.scales.astype(np.float32).reshape(-1))
+    zero_points = (gs.Constant(f"{packed.name}.nbits_zero_points", _packed_zero_points(weight).reshape(-1))
+                   if not weight.sym else gs.Variable.empty())
+    return [view, scales, zero_points], [reshape]
 
 
 def _gather_inputs(gather: gs.Node) -> dict[str, gs.Constant]:
