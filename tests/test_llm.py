@@ -218,3 +218,14 @@ def test_cli_eval_errors_are_one_line(tiny, tmp_path, capsys):
     assert main(["eval", "ppl", str(tiny["prefill"]), "--window", "1"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line]) == 3
+
+
+def test_tied_head_views_the_packed_bytes_of_an_embedding_left_as_reference(tiny, tmp_path):
+    """Group 128 > 64 columns: GatherBlockQuantized cannot take the table, MatMulNBits still shares it."""
+    result = compile_model(str(tiny["prefill"]), passes="quant(bits=4,group_size=128,min_size=0)",
+                           calib=_calibration(), output=tmp_path / "out")
+    model = io.load(tmp_path / "out" / "model.onnx")
+    gather = next(n for n in model.graph.nodes if n.op == "QGather")
+    views = [n for n in model.graph.nodes if n.op == "Reshape" and n.inputs[0] is gather.inputs[0]]
+    assert len(views) == 1 and views[0].outputs[0].outputs[0].op == "MatMulNBits"
+    assert result.manifest["errors"]["artifact_vs_ir"]["logits"]["sqnr_db"] > 30
