@@ -10,6 +10,10 @@
   a u8s8 integer GEMM, exact with respect to the IR's QDQ semantics.
 * ``QGather`` likewise becomes ``com.microsoft.GatherBlockQuantized`` (when its rows
   hold whole groups: that kernel infers the row length from the packed bytes).
+* A ``QGather`` and a ``QMatMul`` that read the same packed weight (a tied embedding and
+  LM head) keep one copy on disk: the MatMulNBits inputs are ``Reshape`` views of the
+  GatherBlockQuantized initializers (the bytes are the same; ONNX Runtime folds the
+  reshapes when the session starts).
 * Everything else stays a ``qcompile`` op with its reference function, which ONNX
   Runtime inlines and constant-folds when the session starts: small on disk, FP32
   speed (3-bit ``int`` weights, ``QConv``, and sparse weights: ONNX Runtime has no
@@ -79,6 +83,8 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
     lowered = model.copy()
     graph = lowered.graph
     kernels: dict[str, str] = {}
+    tied = _tied_weights(graph)
+    gather_constants: dict[str, dict[str, gs.Constant]] = {}
     for node in list(graph.nodes):
         if not qops.is_quantized(node):
             continue
@@ -97,9 +103,17 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
             replacement = [_matmul_integer(node, weight, quantized_input,
                                            constant_bias_add(graph, node, weight.rows))]
         elif native and node.op == "QMatMul":
-            replacement = [_matmul_nbits(node, weight, accuracy_level, constant_bias_add(graph, node, weight.rows))]
+            name = node.inputs[1].name
+            views = _gather_views(node, weight, gather_constants[name]) if name in tied else None
+            if views is None and _read_by_qgather(node.inputs[1]):
+                views = _packed_view(node, weight)
+            replacement = [_matmul_nbits(node, weight, accuracy_level, constant_bias_add(graph, node, weight.rows),
+                                         views[0] if views else None)]
+            replacement += views[1] if views else []
         elif native and node.op == "QGather" and weight.cols % weight.group_size == 0:
             replacement = _gather_block_quantized(node, weight)
+            if node.inputs[0].name in tied:
+                gather_constants[node.inputs[0].name] = _gather_inputs(replacement[0])
         if replacement is None:
             kernels[node.name] = f"{node.op} reference function (decoded when the session starts)"
             continue
@@ -114,6 +128,76 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         domains = [d for d in (graph.import_domains or []) if d.domain != MSFT_DOMAIN]
         graph.import_domains = [*domains, onnx.helper.make_opsetid(MSFT_DOMAIN, 1)]
     return lowered, kernels, merged_groups
+
+
+def _tied_weights(graph: gs.Graph) -> set[str]:
+    """Packed weights read by both a natively lowerable ``QGather`` and a ``QMatMul`` (tied embedding + LM head).
+
+    QGather nodes come first in the returned order of lowering: the graph is sorted, and
+    an embedding lookup precedes the LM head that shares its table.
+    """
+    gathers, matmuls = set(), set()
+    for node in graph.nodes:
+        if not qops.is_quantized(node):
+            continue
+        weight = qops.read_weight(node)
+        if not isinstance(weight, QuantizedWeight) or weight.bits not in NATIVE_BITS or \
+                not _power_of_two(weight.group_size) or weight.cols % weight.group_size:
+            continue
+        if node.op == "QGather":
+            gathers.add(node.inputs[0].name)
+        elif node.op == "QMatMul":
+            matmuls.add(node.inputs[1].name)
+    first_gather = {}
+    for node in graph.nodes:
+        if node.op == "QGather" and node.inputs[0].name in gathers:
+            first_gather.setdefault(node.inputs[0].name, graph.nodes.index(node))
+    matmul_positions = {node.inputs[1].name: graph.nodes.index(node) for node in graph.nodes if node.op == "QMatMul"}
+    return {name for name in gathers & matmuls if first_gather[name] < matmul_positions[name]}
+
+
+def _read_by_qgather(packed: gs.Tensor) -> bool:
+    return any(reader.op == "QGather" for reader in packed.outputs)
+
+
+def _packed_view(node: gs.Node, weight: QuantizedWeight) -> tuple[list[gs.Tensor], list[gs.Node]] | None:
+    """MatMulNBits' B as a Reshape view of the IR's packed bytes, which a QGather that keeps its
+    reference function (rows not a whole number of groups) also reads: one copy of a tied table."""
+    packed = node.inputs[1]
+    blob = weight.group_size * weight.bits // 8
+    if not isinstance(packed, gs.Constant) or packed.values.size != weight.rows * weight.n_groups * blob:
+        return None
+    view = gs.Variable(f"{node.name}.tied_data", np.uint8)
+    shape = gs.Constant(f"{node.name}.tied_data_shape", np.array([weight.rows, weight.n_groups, blob], np.int64))
+    reshape = gs.Node("Reshape", f"{node.name}/tied_data", inputs=[packed, shape], outputs=[view])
+    scales = gs.Constant(f"{packed.name}.nbits_scales", weight.scales.astype(np.float32).reshape(-1))
+    zero_points = (gs.Constant(f"{packed.name}.nbits_zero_points", _packed_zero_points(weight).reshape(-1))
+                   if not weight.sym else gs.Variable.empty())
+    return [view, scales, zero_points], [reshape]
+
+
+def _gather_inputs(gather: gs.Node) -> dict[str, gs.Constant]:
+    names = ("data", "indices", "scales", "zero_points")
+    return {role: tensor for role, tensor in zip(names, gather.inputs, strict=False)
+            if isinstance(tensor, gs.Constant)}
+
+
+def _gather_views(node: gs.Node, weight: QuantizedWeight, constants: dict[str, gs.Constant]
+                  ) -> tuple[list[gs.Tensor], list[gs.Node]]:
+    """MatMulNBits' B, scales and zero points as Reshape views of a GatherBlockQuantized's initializers."""
+    blob = weight.group_size * weight.bits // 8
+    shapes = {"data": [weight.rows, weight.n_groups, blob], "scales": [-1], "zero_points": [-1]}
+    tensors: list[gs.Tensor] = []
+    nodes = []
+    for role in ("data", "scales", "zero_points"):
+        if role not in constants:
+            tensors.append(gs.Variable.empty())
+            continue
+        view = gs.Variable(f"{node.name}.tied_{role}", constants[role].dtype)
+        shape = gs.Constant(f"{node.name}.tied_{role}_shape", np.array(shapes[role], np.int64))
+        nodes.append(gs.Node("Reshape", f"{node.name}/tied_{role}", inputs=[constants[role], shape], outputs=[view]))
+        tensors.append(view)
+    return tensors, nodes
 
 
 def _merge_shared_input(graph: gs.Graph) -> list[list[str]]:
@@ -230,17 +314,24 @@ def _matmul_integer(node: gs.Node, weight: QuantizedWeight, quantize: gs.Node,
 
 
 def _matmul_nbits(node: gs.Node, weight: QuantizedWeight, accuracy_level: int,
-                  bias_add: tuple[gs.Node, gs.Constant] | None) -> gs.Node:
-    """MatMulNBits for ``node``; a following bias ``Add`` is folded into its bias input."""
+                  bias_add: tuple[gs.Node, gs.Constant] | None, views: list[gs.Tensor] | None = None) -> gs.Node:
+    """MatMulNBits for ``node``; a following bias ``Add`` is folded into its bias input.
+
+    ``views``: B, scales and zero points already available (a tied embedding's), else made here.
+    """
     name = node.inputs[1].name
     blob = weight.group_size * weight.bits // 8
-    inputs = [
-        node.inputs[0],
-        gs.Constant(f"{name}.nbits", weight.packed.reshape(weight.rows, weight.n_groups, blob)),
-        gs.Constant(f"{name}.nbits_scales", weight.scales.astype(np.float32).reshape(-1)),
-    ]
-    zero_points = (gs.Constant(f"{name}.nbits_zero_points", _packed_zero_points(weight).reshape(-1))
-                   if not weight.sym else gs.Variable.empty())
+    if views is not None:
+        packed, scales, zero_points = views
+        inputs = [node.inputs[0], packed, scales]
+    else:
+        inputs = [
+            node.inputs[0],
+            gs.Constant(f"{name}.nbits", weight.packed.reshape(weight.rows, weight.n_groups, blob)),
+            gs.Constant(f"{name}.nbits_scales", weight.scales.astype(np.float32).reshape(-1)),
+        ]
+        zero_points = (gs.Constant(f"{name}.nbits_zero_points", _packed_zero_points(weight).reshape(-1))
+                       if not weight.sym else gs.Variable.empty())
     bias, outputs = _absorb_bias(node, bias_add)
     if bias is not None:
         inputs += [zero_points, gs.Variable.empty(), bias]

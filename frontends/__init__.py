@@ -1,7 +1,9 @@
 """Frontends: everything that turns a user's model into the IR.
 
 * an ONNX file (``model.onnx``; external data beside it),
-* a Hugging Face model folder (``hf:PATH``, or a folder holding ``config.json``),
+* a Hugging Face model folder (``hf:PATH``, or a folder holding ``config.json``): encoders
+  through :mod:`qcompile.frontends.hf`; causal LMs (``...ForCausalLM`` configs, GGUF-packed
+  folders) through :mod:`qcompile.frontends.llm`, as their prefill graph (cached export),
 * a PyTorch ``nn.Module`` with example inputs (:mod:`qcompile.frontends.torch`).
 """
 
@@ -27,7 +29,8 @@ def load_model(source: Any, *, example_inputs: Any = None, cache_dir: Path | Non
     if _is_torch_module(source):
         return _from_torch(source, example_inputs)
     text = str(source)
-    if text.startswith("hf:") or (Path(text).is_dir() and (Path(text) / "config.json").is_file()):
+    if text.startswith("hf:") or (Path(text).is_dir() and (
+            (Path(text) / "config.json").is_file() or any(Path(text).glob("*.gguf")))):
         return _from_hf(Path(text[3:] if text.startswith("hf:") else text), cache_dir)
     if Path(text).is_dir():
         raise ModelLoadError(f"{text}: a folder, but not a Hugging Face model folder (no config.json)")
@@ -52,6 +55,10 @@ def _from_torch(module: Any, example_inputs: Any) -> Model:
 
 def _from_hf(folder: Path, cache_dir: Path | None) -> Model:
     from .hf import export_hf_encoder
+    from .llm import cached_causal_lm_onnx, is_causal_lm_folder
+
+    if is_causal_lm_folder(folder):
+        return io.load(cached_causal_lm_onnx(folder, "prefill"))
 
     with tempfile.TemporaryDirectory(prefix="qcompile-hf-", dir=cache_dir) as tmp:
         path = export_hf_encoder(folder, Path(tmp) / "model.onnx")

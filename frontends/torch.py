@@ -102,18 +102,26 @@ def _export(
     dynamic_axes: DynamicAxes | None,
     opset: int,
     fold: bool = True,
+    dynamic_shapes: Any = None,
 ) -> None:
-    """Export with one of :data:`EXPORTERS`; ``fold=False`` keeps the graph unfolded."""
+    """Export with one of :data:`EXPORTERS`; ``fold=False`` keeps the graph unfolded.
+
+    ``dynamic_shapes`` (``torch.export`` style, dynamo only) replaces ``dynamic_axes`` where
+    inputs are nested (a KV cache passed as a tuple), which ``dynamic_axes`` cannot describe.
+    """
     options = dict(EXPORTERS[exporter])
     if not fold:
         options["do_constant_folding" if exporter == "torchscript" else "optimize"] = False
+    if dynamic_shapes is not None and exporter == "dynamo":
+        options["dynamic_shapes"] = dynamic_shapes
+    else:
+        options["dynamic_axes"] = dict(dynamic_axes) if dynamic_axes else None
     torch.onnx.export(
         module,
         args,
         str(dest),
         input_names=list(input_names),
         output_names=list(output_names),
-        dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
         opset_version=opset,
         **options,
     )
@@ -126,10 +134,11 @@ def _remove_quietly(*paths: Path) -> None:
             item.unlink()
 
 
-def _try_exporters(torch: Any, module: Any, args: tuple[Any, ...], tmp: Path, **kw: Any) -> str:
-    """Run the TorchScript exporter, falling back to dynamo; return the one that worked."""
+def _try_exporters(torch: Any, module: Any, args: tuple[Any, ...], tmp: Path,
+                   exporters: Sequence[str] = tuple(EXPORTERS), **kw: Any) -> str:
+    """Run the exporters in order (TorchScript, then dynamo); return the one that worked."""
     errors: list[str] = []
-    for name in EXPORTERS:
+    for name in exporters:
         try:
             with _quiet_export(), torch.no_grad():
                 _export(torch, name, module, args, tmp, **kw)
@@ -152,6 +161,8 @@ def export_module(
     dynamic_axes: DynamicAxes | None = None,
     opset: int = 18,
     fold: bool = True,
+    exporters: Sequence[str] = tuple(EXPORTERS),
+    dynamic_shapes: Any = None,
 ) -> Path:
     """Export ``module`` to one self-contained ONNX file at ``path``.
 
@@ -166,6 +177,9 @@ def export_module(
         opset: the default-domain ONNX opset to target.
         fold: let the exporter fold constants (and BatchNorm into Conv); False keeps the
             graph as the module wrote it, for qcompile's own ``fold`` pass to see.
+        exporters: the :data:`EXPORTERS` to try, in order (causal LMs go straight to
+            ``("dynamo",)``: TorchScript fails on current transformers masking code).
+        dynamic_shapes: ``torch.export``-style dynamic shapes (dynamo only), for nested inputs.
 
     Returns:
         The absolute path of the written file.
@@ -174,6 +188,9 @@ def export_module(
         FrontendError: when both exporters fail or the destination cannot be written.
     """
     torch = _import_torch()
+    unknown = [name for name in exporters if name not in EXPORTERS]
+    if unknown or not exporters:
+        raise FrontendError(f"export_module: unknown exporters {unknown}; expected some of {list(EXPORTERS)}")
     if not isinstance(module, torch.nn.Module):
         raise FrontendError(
             f"export_module: expected a torch.nn.Module, got {type(module).__name__}"
@@ -194,10 +211,11 @@ def export_module(
         "dynamic_axes": dynamic_axes,
         "opset": opset,
         "fold": fold,
+        "dynamic_shapes": dynamic_shapes,
     }
     try:
         with _eval_mode(module):
-            used = _try_exporters(torch, module, _as_tuple(example_inputs), tmp, **kw)
+            used = _try_exporters(torch, module, _as_tuple(example_inputs), tmp, exporters, **kw)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, dest)
     except FrontendError as exc:

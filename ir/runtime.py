@@ -22,6 +22,11 @@ PROTOBUF_LIMIT = 2**31 - 1
 # of MatMul+Add per tensor to int8 to keep the graph "quantized": the reference
 # semantics of the IR would silently change. Reference sessions never run it.
 SEMANTICS_CHANGING_OPTIMIZERS = ("MatMulAddFusion",)
+# ONNX Runtime constant-folds the inlined reference functions of quantized ops when a
+# session starts, materialising every decoded FP32 weight and its intermediates at once:
+# a quantized SmolLM2-135M reference session went past 16 GB and was OOM-killed. Reference
+# sessions of models with more constant bytes than this decode the weights at every run.
+LARGE_REFERENCE_BYTES = 64 * 2**20
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -47,18 +52,21 @@ def make_session(
     if extra:
         proto = _with_outputs(proto, extra)
     options = session_options(threads)
-    if proto.ByteSize() < PROTOBUF_LIMIT:
-        return _session(proto.SerializeToString(), options)
+    size = proto.ByteSize()
+    disabled = ("ConstantFolding",) if size > LARGE_REFERENCE_BYTES and any(
+        f.domain == "qcompile" for f in proto.functions) else ()
+    if size < PROTOBUF_LIMIT:
+        return _session(proto.SerializeToString(), options, disabled)
     with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-        return _session(str(path), options)
+        return _session(str(path), options, disabled)
 
 
-def _session(model: str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+def _session(model: str | bytes, options: ort.SessionOptions, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(SEMANTICS_CHANGING_OPTIMIZERS))
+                                    disabled_optimizers=[*SEMANTICS_CHANGING_OPTIMIZERS, *disabled])
     except Exception as exc:  # ORT's own exception types (Fail, InvalidGraph, NotImplemented, ...)
         raise UnsupportedModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
 

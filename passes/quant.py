@@ -15,14 +15,20 @@ statistics exist, then a least-squares refinement of each scale. Method ``gptq``
 (MatMul/Gemm; needs calibration data): the same group parameters, then GPTQ's
 column-by-column error feedback (:mod:`qcompile.passes.gptq`); Conv and embeddings use
 rtn. Lossy; stats report, per layer, the weight SQNR and the SQNR and cosine of the
-layer's output over every calibration row (computed exactly from ``X^T X``). A weight shared by several
-layers of the same kind is quantized once and shared. A layer with at least ``sparse_min`` exact
+layer's output over every calibration row (computed exactly from ``X^T X``). Layers whose weights
+hold the same values (as ``[rows, cols]``) are quantized once and share the quantized initializers:
+a tied embedding and LM head (``Gather`` on the table, ``MatMul`` on its transposed copy) become a
+``QGather`` and a ``QMatMul`` reading the same packed bytes, quantized with the LM head's input
+statistics. Stats also count the LLM patterns seen (SwiGLU MLPs, attention MatMuls between
+activations, which have no weight and are left alone). A layer with at least ``sparse_min`` exact
 zeros (after ``prune``) is stored sparse (:mod:`qcompile.passes.sparsequant`): only its non-zeros
-are quantized, the zeros stay exactly zero (GPTQ included).
+are quantized, the zeros stay exactly zero (GPTQ included). The parts of a ``split`` layer are
+quantized together into one ``cluster``-format op (:mod:`qcompile.passes.cluster_quant`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -44,6 +50,7 @@ from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
 from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .patterns import activation_matmuls, swiglus
 from .plan import planned_bits, read_plan
 from .sparsequant import quantize_sparse, zero_fraction
 from .split import GROUPS_KEY, SplitGroup, resolve_groups, split_groups
@@ -120,13 +127,26 @@ class Quant(Pass):
         act_inputs = [n.inputs[0].name for n in leaders if n.op != "Gather"] if self.act_bits else []
         grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
                                             allow_synthetic=self.act_aware)
+        patterns = {"swiglu": len(swiglus(model.graph)),
+                    "activation_matmuls_left_alone": len(activation_matmuls(model.graph))}
+        keys = {node.name: content_key(layer_matrix(node)[0]) for node in candidates}
+        sharing: dict[str, list[gs.Node]] = {}
+        for node in candidates:
+            sharing.setdefault(keys[node.name], []).append(node)
+        # a shared weight is quantized with the statistics of the first member that has them
+        # (for a tied embedding: the LM head's input; the embedding lookup has none)
+        group_grams = {key: next((grams[m.inputs[0].name] for m in members
+                                  if m.op in ("MatMul", "Gemm") and m.inputs[0].name in grams), None)
+                       for key, members in sharing.items()}
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
         shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
         plan = read_plan(model)
         for node in candidates:
             bits = planned_bits(plan, node.name, self.bits, 2, 8, self.name)
-            layers[node.name] = self._rewrite(model, node, bits, shared, grams.get(node.inputs[0].name))
+            key = keys[node.name]
+            layers[node.name] = self._rewrite(model, node, bits, shared, key, grams.get(node.inputs[0].name),
+                                              group_grams[key])
             ctx.progress.advance()
         for group in groups:
             bits = planned_bits(plan, group.name, self.bits, 2, 8, self.name)
@@ -140,6 +160,11 @@ class Quant(Pass):
             else:
                 model.metadata.pop(GROUPS_KEY, None)
         activation_quantizers = self._quantize_activations(model, [*layers], activations)
+        shared_groups = {members[0].name: [m.name for m in members] for members in sharing.values()
+                         if len(members) > 1}
+        patterns["tied_embeddings"] = sum(1 for members in sharing.values()
+                                          if {m.op for m in members} >= {"Gather", "MatMul"}
+                                          or {m.op for m in members} >= {"Gather", "Gemm"})
         if layers:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats = {
@@ -150,6 +175,8 @@ class Quant(Pass):
             "activation_statistics": "synthetic" if ctx.uses_synthetic and grams else
                                      ("calibration" if grams else "none"),
             "activation_quantizers": activation_quantizers,
+            "shared": shared_groups,
+            "patterns": patterns,
         }
         return PassResult(bool(layers), stats)
 
@@ -209,11 +236,14 @@ class Quant(Pass):
                             clip_search=self.clip_search,
                             importance=importance)
 
-    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, gram_rows: tuple | None) -> dict:
-        matrix, key, prefix = layer_matrix(node)
+    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, key: str, gram_rows: tuple | None,
+                 group_gram_rows: tuple | None) -> dict:
+        matrix, _, prefix = layer_matrix(node)
         gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
         if (key, bits) not in shared:  # a bits plan may give layers sharing a weight different widths
-            quantized = self._quantize(matrix, gram, bits)
+            rows = group_gram_rows if group_gram_rows is not None else gram_rows
+            group_gram = rows[0] if rows is not None and rows[0].shape[0] == matrix.shape[1] else None
+            quantized = self._quantize(matrix, group_gram, bits)
             name = prefix if bits == self.bits else f"{prefix}.b{bits}"
             shared[(key, bits)] = (quantized, qops.weight_constants(name, quantized))
         quantized, constants = shared[(key, bits)]
@@ -222,7 +252,6 @@ class Quant(Pass):
         if isinstance(quantized, SparseWeight):
             stats.update(sparse=quantized.pattern, sparsity=round(zero_fraction(matrix), 4))
         return stats
-
     def _rewrite_group(self, model: Model, group: SplitGroup, bits: int, shared: dict, gram_rows: tuple | None
                        ) -> dict:
         """One ``cluster``-format op for the parts of a split layer (see :mod:`.cluster_quant`)."""
@@ -244,3 +273,10 @@ class Quant(Pass):
         template.name = group.name
         rewrite(model, template, quantized, constants, self.name)
         return {**layer_stats(template.op, matrix, quantized, gram), "split": group.k}
+
+
+def content_key(matrix: np.ndarray) -> str:
+    """Identity of a weight by value: shape and a BLAKE2b digest of its float32 ``[rows, cols]`` bytes."""
+    data = np.ascontiguousarray(matrix, np.float32)
+    digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    return f"{data.shape[0]}x{data.shape[1]}:{digest}"

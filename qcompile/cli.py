@@ -6,6 +6,7 @@
     qcompile diff BEFORE.onnx AFTER.onnx [--calib SRC] [--json]
     qcompile inspect MODEL.onnx [--calib SRC] [--json]
     qcompile report ARTIFACT [-o report.html]
+    qcompile eval ppl|generate MODEL [--text FILE] [--tokenizer FOLDER] ...
 
 Exit codes: 0 success, 2 bad usage or bad input, 1 compilation failed. Every error
 is one line on stderr; ``-v`` adds the traceback of unexpected failures.
@@ -34,7 +35,7 @@ from rich.table import Table
 
 from qcompile.errors import QCompileError, UsageError
 
-SUBCOMMANDS = ("passes", "run", "diff", "inspect", "report")
+SUBCOMMANDS = ("passes", "run", "diff", "inspect", "report", "eval")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 WIDE_OUTPUT = 200  # columns for diff / inspect tables when stdout is not a terminal
 
@@ -126,6 +127,69 @@ def _report_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="HTML file (default: ARTIFACT/report.html)")
     _common(parser)
     return parser
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="qcompile eval", description="Evaluate a causal LM (ONNX file or artifact folder).")
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="ppl|generate")
+    ppl = kinds.add_parser("ppl", help="perplexity over windows of a text")
+    ppl.add_argument("model", help="artifact folder or ONNX file of a causal LM (prefill or decode graph)")
+    ppl.add_argument("--text", help="UTF-8 text file (default: the built-in English eval split, "
+                     "disjoint from the calibration split)")
+    ppl.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    ppl.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
+    generate = kinds.add_parser("generate", help="greedy answer to a chat prompt (sanity check)")
+    generate.add_argument("model", help="artifact folder or ONNX file of a causal LM")
+    generate.add_argument("--prompt", default="What is the capital of France?")
+    generate.add_argument("--max-new-tokens", type=int, default=24)
+    for sub in (ppl, generate):
+        sub.add_argument("--tokenizer", help="Hugging Face folder of the tokenizer (default: the folder the "
+                         "model was exported from, recorded in its metadata)")
+        _common(sub)
+    return parser
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from qcompile import llm_eval
+
+    if args.what == "generate" and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected at least 1")
+    if args.what == "ppl" and args.window < 2:
+        raise UsageError(f"--window {args.window}: expected at least 2 tokens")
+    if args.what == "ppl" and args.windows is not None and args.windows < 1:
+        raise UsageError(f"--windows {args.windows}: expected at least 1")
+    lm = llm_eval.open_lm(args.model)
+    tokenizer = llm_eval.tokenizer_for(lm, args.tokenizer)
+    if args.what == "generate":
+        answer = llm_eval.generate(lm, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+        if args.json:
+            print(json.dumps({"prompt": args.prompt, "answer": answer}))
+        else:
+            console.print(answer, markup=False, highlight=False)
+        return EXIT_OK
+    text = _read_text(args.text)
+    windows = llm_eval.token_windows(tokenizer, text, window=args.window, count=args.windows)
+    result = {"model": args.model, "text": args.text or "builtin:eval", **llm_eval.perplexity(lm, windows)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        console.print(f"perplexity {result['perplexity']:.3f} over {result['windows']} windows of "
+                      f"{args.window} tokens ({result['tokens']} predicted tokens, {result['text']})",
+                      highlight=False)
+    return EXIT_OK
+
+
+def _read_text(path: str | None) -> str:
+    if path is None:
+        from qcompile.frontends.text import english_text
+
+        return english_text("eval")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--text {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--text {path}: unreadable ({str(exc).splitlines()[0]})") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -396,10 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             parser = {"passes": _passes_parser, "run": _run_parser, "diff": _diff_parser,
-                      "inspect": _inspect_parser, "report": _report_parser}[argv[0]]()
+                      "inspect": _inspect_parser, "report": _report_parser, "eval": _eval_parser}[argv[0]]()
             args = parser.parse_args(argv[1:])
             command: Callable[[argparse.Namespace, Console], int] = {"passes": cmd_passes, "run": cmd_run, "diff": cmd_diff, "inspect": cmd_inspect,
-                       "report": cmd_report}[argv[0]]
+                       "report": cmd_report, "eval": cmd_eval}[argv[0]]
         else:
             args = _compile_parser().parse_args(argv)
             command = cmd_compile

@@ -1,0 +1,231 @@
+"""Causal LMs on a tiny randomly initialised Llama (GQA, RMSNorm, SwiGLU, tied embeddings).
+
+The two exports (prefill, decode) take ~15 s each and are made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qcompile import compile as compile_model  # noqa: E402
+from qcompile.cli import main  # noqa: E402
+from qcompile.frontends import load_model  # noqa: E402
+from qcompile.frontends.llm import cached_causal_lm_onnx, is_causal_lm_folder  # noqa: E402
+from qcompile.ir import io, qops  # noqa: E402
+from qcompile.ir.canonicalize import canonicalize  # noqa: E402
+from qcompile.ir.runtime import make_session  # noqa: E402
+from qcompile.llm_eval import open_lm, perplexity, token_windows  # noqa: E402
+from qcompile.passes.calibration import CalibrationSet  # noqa: E402
+from qcompile.passes.context import PassContext  # noqa: E402
+from qcompile.passes.patterns import activation_matmuls, rmsnorms, swiglus  # noqa: E402
+from qcompile.passes.registry import parse_pipeline  # noqa: E402
+
+LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny Llama folder, its PyTorch model, and both cached exports (in a private HOME)."""
+    home = tmp_path_factory.mktemp("home")
+    folder = home / "tiny-llama"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+                                      tie_word_embeddings=True, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # real gammas are not all ones: make them differ per norm
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
+    model.save_pretrained(folder)
+    cache = home / ".cache" / "qcompile"
+    paths = {kind: cached_causal_lm_onnx(folder, kind, cache_dir=cache) for kind in ("prefill", "decode")}
+    return {"folder": folder, "model": model, "home": home, **paths}
+
+
+def _ids(seed: int = 0, batch: int = 2, length: int = 12) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int64)
+
+
+def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+def _empty_past(batch: int) -> dict[str, np.ndarray]:
+    return {f"past_key_values.{i}.{kind}": np.zeros((batch, KV_HEADS, 0, HEAD_DIM), np.float32)
+            for i in range(LAYERS) for kind in ("key", "value")}
+
+
+def _calibration(n: int = 4, length: int = 24, decode: bool = False) -> dict[str, np.ndarray]:
+    ids = _ids(seed=1, batch=n, length=length)
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return {**arrays, **(_empty_past(n) if decode else {})}
+
+
+def test_folder_detection(tiny, tmp_path):
+    assert is_causal_lm_folder(tiny["folder"])
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    assert not is_causal_lm_folder(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert is_causal_lm_folder(tmp_path)
+
+
+def test_prefill_export_matches_pytorch(tiny):
+    ids = _ids()
+    session = make_session(tiny["prefill"])
+    (logits,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(logits, _torch_logits(tiny["model"], ids), atol=1e-4)
+    meta = onnx.load(str(tiny["prefill"]), load_external_data=False).metadata_props
+    assert {p.key: p.value for p in meta}["qcompile.graph"] == "prefill"
+
+
+def test_decode_graph_with_cache_matches_prefill_logits(tiny):
+    """Prompt with a zero-length past, then token by token with the cache == one prefill pass."""
+    ids = _ids(length=10)
+    lm = open_lm(tiny["decode"])
+    assert lm.has_cache
+    prompt, rest = ids[:, :6], ids[:, 6:]
+    logits, past = lm.run(prompt)
+    steps = [logits]
+    for position in range(rest.shape[1]):
+        logits, past = lm.run(rest[:, position : position + 1], past, past_length=6 + position)
+        steps.append(logits)
+    assert past["past_key_values.0.key"].shape == (2, KV_HEADS, 10, HEAD_DIM)
+    decoded = np.concatenate(steps, axis=1)
+    (prefill,) = make_session(tiny["prefill"]).run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(decoded, prefill, atol=1e-4)
+
+
+def test_export_is_cached(tiny):
+    before = tiny["decode"].stat().st_mtime_ns
+    again = cached_causal_lm_onnx(tiny["folder"], "decode", cache_dir=tiny["home"] / ".cache" / "qcompile")
+    assert again == tiny["decode"] and again.stat().st_mtime_ns == before
+
+
+def test_hf_route_loads_the_cached_prefill_graph(tiny, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny["home"]))
+    model = load_model(f"hf:{tiny['folder']}")
+    assert [t.name for t in model.graph.inputs] == ["input_ids", "attention_mask"]
+    assert [t.name for t in model.graph.outputs] == ["logits"]
+
+
+def test_llm_patterns_are_matched(tiny):
+    graph = canonicalize(io.load(tiny["prefill"])).graph
+    assert len(rmsnorms(graph)) == 2 * LAYERS + 1
+    found = swiglus(graph)
+    assert len(found) == LAYERS
+    assert all(s.gate.inputs[0] is s.up.inputs[0] and s.down.inputs[0] is s.product.outputs[0] for s in found)
+    assert len(activation_matmuls(graph)) == 2 * LAYERS  # Q.K^T and P.V per layer
+
+
+def _run_passes(model, spec: str, calib: dict):
+    ctx = PassContext(calib=CalibrationSet(calib, "<test>"))
+    results = []
+    for p in parse_pipeline(spec):
+        result = p.run(model, ctx)
+        results.append(result)
+    return results
+
+
+def test_fold_smooths_rmsnorm_exactly(tiny):
+    model = canonicalize(io.load(tiny["prefill"]))
+    calib = _calibration()
+    reference = make_session(model).run(None, {k: v[:2] for k, v in calib.items()})[0]
+    (result,) = _run_passes(model, "fold", calib)
+    stats = result.stats
+    assert result.changed and stats["matched"]["RMSNorm"] == 2 * LAYERS + 1
+    kinds = [s["kind"] for s in stats["smoothed"].values()]
+    # the final norm feeds only the tied LM head; every SwiGLU's up/down pair is smoothed too
+    assert sorted(kinds) == ["RMSNorm"] * (2 * LAYERS) + ["SwiGLU"] * LAYERS
+    assert stats["matched"]["SwiGLU"] == LAYERS
+    assert any("tied" in reason for reason in stats["skipped"].values())
+    assert max(s["max_scale"] for s in stats["smoothed"].values()) != 1.0
+    after = make_session(model).run(None, {k: v[:2] for k, v in calib.items()})[0]
+    np.testing.assert_allclose(after, reference, atol=2e-4, rtol=1e-4)
+    again = _run_passes(model, "fold", calib)[0]
+    assert not again.changed  # idempotent
+
+
+def test_quant_shares_the_tied_embedding(tiny, tmp_path):
+    calib = _calibration(decode=True)
+    result = compile_model(str(tiny["decode"]), passes="fold,quant(bits=4,min_size=0)", calib=calib,
+                           output=tmp_path / "out")
+    stats = result.records[1].stats
+    assert stats["patterns"] == {"swiglu": LAYERS, "activation_matmuls_left_alone": 2 * LAYERS,
+                                 "tied_embeddings": 1}
+    (group,) = stats["shared"].values()
+    assert len(group) == 2
+    model = io.load(tmp_path / "out" / "model.onnx")
+    kernels = {n.op for n in model.graph.nodes if n.name in group}
+    assert kernels == {"GatherBlockQuantized", "MatMulNBits"}
+    gather = next(n for n in model.graph.nodes if n.op == "GatherBlockQuantized")
+    tied = [n for n in model.graph.nodes if n.op == "Reshape" and n.inputs[0] is gather.inputs[0]]
+    assert len(tied) == 1  # the LM head reads a view of the embedding's packed bytes
+    packed = [t for t in model.tensors().values() if getattr(t, "shape", None) == [VOCAB, 64 * 4 // 8]]
+    assert len(packed) == 1
+    # the artifact computes what the IR does, and is close to FP32
+    fp32 = perplexity(open_lm(tiny["decode"]), _ids(seed=3, batch=3, length=32))
+    quantized = perplexity(open_lm(tmp_path / "out"), _ids(seed=3, batch=3, length=32))
+    assert abs(np.log(quantized["perplexity"] / fp32["perplexity"])) < 0.05
+
+
+def test_quantized_ir_keeps_one_copy_of_the_tied_weight(tiny):
+    model = canonicalize(io.load(tiny["prefill"]))
+    _run_passes(model, "quant(bits=4,min_size=0)", _calibration())
+    nodes = {n.op: n for n in model.quantized_nodes()}
+    gather, head = nodes["QGather"], next(n for n in model.quantized_nodes() if n.outputs[0].name == "logits")
+    assert qops.read_weight(gather).bits == 4
+    assert gather.inputs[0] is head.inputs[1] and gather.inputs[2:] == head.inputs[2:]
+
+
+class _CharTokenizer:
+    """One token per byte (a tokenizer for the tiny vocabulary)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def test_perplexity_matches_pytorch(tiny):
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    windows = token_windows(_CharTokenizer(), text, window=32)
+    assert windows.shape == (len(text) // 32, 32)
+    result = perplexity(open_lm(tiny["prefill"]), windows)
+    logits = torch.from_numpy(_torch_logits(tiny["model"], windows))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.from_numpy(windows[:, 1:]).reshape(-1))
+    assert result["tokens"] == windows.shape[0] * 31
+    assert result["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+    assert perplexity(open_lm(tiny["decode"]), windows)["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
+
+
+def test_token_windows_reject_short_text():
+    from qcompile.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="fewer than"):
+        token_windows(_CharTokenizer(), "short", window=256)
+
+
+def test_cli_eval_errors_are_one_line(tiny, tmp_path, capsys):
+    assert main(["eval", "ppl", str(tmp_path / "missing")]) == 2
+    assert main(["eval", "ppl", str(tiny["prefill"]), "--text", str(tmp_path / "none.txt")]) == 2
+    assert main(["eval", "ppl", str(tiny["prefill"]), "--window", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line]) == 3
+
+
+def test_tied_head_views_the_packed_bytes_of_an_embedding_left_as_reference(tiny, tmp_path):
+    """Group 128 > 64 columns: GatherBlockQuantized cannot take the table, MatMulNBits still shares it."""
+    result = compile_model(str(tiny["prefill"]), passes="quant(bits=4,group_size=128,min_size=0)",
+                           calib=_calibration(), output=tmp_path / "out")
+    model = io.load(tmp_path / "out" / "model.onnx")
+    gather = next(n for n in model.graph.nodes if n.op == "QGather")
+    views = [n for n in model.graph.nodes if n.op == "Reshape" and n.inputs[0] is gather.inputs[0]]
+    assert len(views) == 1 and views[0].outputs[0].outputs[0].op == "MatMulNBits"
+    assert result.manifest["errors"]["artifact_vs_ir"]["logits"]["sqnr_db"] > 30
