@@ -281,6 +281,12 @@ def _print_summary(console: Console, result, *, dump_dir: str | None = None, rep
         summary.add_row("output SQNR vs FP32", f"{sqnr:.1f} dB")
     kernels = Counter(layer["kernel"].split(" (")[0] for layer in manifest["layers"].values())
     summary.add_row("kernels", ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items())) or "-")
+    for record in result.records:  # a bits plan (the full JSON is in the manifest)
+        plan = record.stats.get("plan")
+        if isinstance(plan, dict) and plan.get("layers"):
+            widths = Counter(plan["layers"].values())
+            summary.add_row("bits plan", f"average {plan.get('average_bits', '-')} bits: " + ", ".join(
+                f"{count} layers at {bits}" for bits, count in sorted(widths.items())))
     summary.add_row("written to", str(result.path))
     if dump_dir:
         summary.add_row("models after each pass", str(dump_dir))

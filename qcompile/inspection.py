@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.ir import qops
+from qcompile.ir.formats import FORMATS
 from qcompile.ir.model import Model
 
 FLOAT_LAYER_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}  # op -> position of the weight
@@ -98,7 +99,7 @@ def layer_table(model: Model) -> dict[str, Any]:
     for row in rows.values():
         row["share"] = row["bytes"] / total_bytes if total_bytes else 0.0
     layer_bytes = sum(row["bytes"] for row in rows.values())
-    quantized = [row for row in rows.values() if row["format"] == "int"]
+    quantized = [row for row in rows.values() if row["format"] in FORMATS]
     return {
         "layers": rows,
         "totals": {

@@ -198,7 +198,7 @@ def numerical(diff: dict[str, Any], limit: int) -> RenderableType:
 
 def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
     layers = inspection["layers"]
-    has_float = any(row["format"] != "int" for row in layers.values())
+    has_float = any("kurtosis" in row for row in layers.values())  # float layers carry weight statistics
     table = _table("layers")
     columns = ["layer", "op", "shape", "params", "format", "bits", "group", "sparsity", "bytes", "share"]
     if has_float:
@@ -214,7 +214,7 @@ def layer_table(inspection: dict[str, Any], title: str) -> RenderableType:
                  "-" if row["group_size"] is None else str(row["group_size"]), f"{row['sparsity']:.1%}",
                  _size(row["bytes"]), f"{row['share']:.1%}"]
         if has_float:
-            if row["format"] == "int":
+            if "kurtosis" not in row:  # quantized, any format
                 cells += ["", "", ""]
             else:
                 cells += [_number(row["kurtosis"], ".1f"), _number(row["max_over_std"], ".1f"),
