@@ -96,7 +96,8 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         if not isinstance(weight, QuantizedWeight):  # formats without an ONNX Runtime kernel
             kernels[node.name] = f"{node.op} reference function, {weight.format} format (decoded when the session starts)"
             continue
-        native = weight.bits in NATIVE_BITS and _power_of_two(weight.group_size)
+        native = weight.bits in NATIVE_BITS and _power_of_two(weight.group_size) and not (
+            weight.bits == 2 and weight.group_size > 256)  # 2-bit MatMulNBits refuses blocks over 256
         replacement: list[gs.Node] | None = None
         quantized_input = _quantized_input(node) if node.op == "QMatMul" else None
         if quantized_input is not None and _integer_gemm_weight(weight):

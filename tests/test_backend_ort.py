@@ -135,3 +135,19 @@ def test_matmuls_sharing_an_input_are_merged_exactly(tmp_path):
     assert all(errors[name]["sqnr_db"] > 60 for name in ("y", "k", "v"))  # float round-off only
     ops = [n.op_type for n in onnx.load(result.path / "model.onnx").graph.node]
     assert ops.count("MatMulNBits") == 3 and ops.count("Split") == 1
+
+
+def test_two_bit_blocks_over_256_keep_the_reference(tmp_path):
+    """MatMulNBits refuses 2-bit blocks above 256: per-channel 2-bit over K=300 decodes instead."""
+    from conftest import make_model
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 300])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+                       [numpy_helper.from_array(rng.standard_normal((300, 16)).astype(np.float32), "w")])
+    result = qcompile.compile(proto, passes="quant(bits=2,group_size=0)", output=tmp_path / "out")
+    assert "reference function" in result.manifest["layers"]["fc"]["kernel"]
+    out = qcompile.load(result.path).run({"x": rng.standard_normal((3, 300)).astype(np.float32)})
+    assert next(iter(out.values())).shape == (3, 16)
