@@ -234,6 +234,8 @@ def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model
         weight = qops.read_weight(node)
         layers[node.name] = {
             "op": node.op,
+            "bits": weight.bits,
+            "group_size": weight.group_size,
             **qops.describe(node),
             "shape": [weight.rows, weight.cols],
             "bytes": weight.nbytes,

@@ -225,7 +225,8 @@ def _quantized_changes(before: Model, after: Model) -> list[dict[str, Any]]:
     for node in after.quantized_nodes():
         weight = qops.read_weight(node)
         entry: dict[str, Any] = {
-            "node": node.name, "op": node.op, **qops.describe(node),
+            "node": node.name, "op": node.op, "bits": weight.bits, "group_size": weight.group_size,
+            **qops.describe(node),
             "shape": [weight.rows, weight.cols], "bytes": weight.nbytes,
         }
         old = old_nodes.get(node.name)

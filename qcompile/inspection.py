@@ -125,6 +125,7 @@ def _quantized_row(node: gs.Node, counted: set[str]) -> dict[str, Any]:
         "op": node.op,
         "shape": shape,
         "params": int(np.prod(shape)),
+        "bits": weight.bits,
         "group_size": weight.group_size,
         "sym": bool(node.attrs.get("sym", 0)),
         **qops.describe(node),
