@@ -34,11 +34,11 @@ from qcompile.errors import UsageError
 from qcompile.ir.model import Model
 
 from . import knapsack
-from .base import Pass, PassResult, matches_any, option
+from .base import Pass, PassResult, option
 from .bcqfit import bcq_rowwise
 from .context import PassContext
 from .gptq import inverse_hessian_factor, prepare_hessian
-from .layers import layer_matrix, unsupported_reason, weight_of
+from .layers import layer_matrix, select_layers
 from .plan import check_plan, read_plan, write_plan
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,8 @@ class Bits(Pass):
     # -- plan from measurements ----------------------------------------------------------
 
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
-        chosen, skipped = [], {}
-        for node in model.graph.nodes:
-            weight = weight_of(node)
-            if weight is None or node.op == "Conv":
-                continue
-            pattern = matches_any(node.name, self.skip)
-            reason = (f"excluded by skip pattern {pattern!r}" if pattern else
-                      "embeddings=false" if node.op == "Gather" and not self.embeddings else
-                      unsupported_reason(node, weight, self.min_size))
-            if reason:
-                skipped[node.name] = reason
-            else:
-                chosen.append(node)
-        return chosen, skipped
+        return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size,
+                             ignore=lambda node: node.op == "Conv")
 
     def _measure(self, model: Model, ctx: PassContext) -> dict[str, Any]:
         if ctx.calib is None:

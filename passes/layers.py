@@ -7,6 +7,8 @@ A layer's weight is handled as a matrix ``[rows, cols]`` with the reduction axis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -14,6 +16,8 @@ from qcompile.ir import qops
 from qcompile.ir.formats import Weight
 from qcompile.ir.model import Model
 from qcompile.ir.runtime import error_metrics
+
+from .base import matches_any
 
 
 def weight_of(node: gs.Node) -> gs.Constant | None:
@@ -28,6 +32,32 @@ def weight_of(node: gs.Node) -> gs.Constant | None:
     if node.op == "Conv":
         return weight if ndim >= 3 else None
     return weight if ndim == 2 else None
+
+
+def select_layers(model: Model, *, skip: tuple[str, ...], embeddings: bool, min_size: int,
+                  ignore: Callable[[gs.Node], bool] = lambda node: False
+                  ) -> tuple[list[gs.Node], dict[str, str]]:
+    """The layers with a constant weight a weight pass rewrites, and why each other one is left alone.
+
+    ``ignore``: layers neither chosen nor reported (e.g. handled another way).
+    """
+    chosen, skipped = [], {}
+    for node in model.graph.nodes:
+        weight = weight_of(node)
+        if weight is None or ignore(node):
+            continue
+        pattern = matches_any(node.name, skip)
+        if pattern:
+            reason: str | None = f"excluded by skip pattern {pattern!r}"
+        elif node.op == "Gather" and not embeddings:
+            reason = "embeddings=false"
+        else:
+            reason = unsupported_reason(node, weight, min_size)
+        if reason:
+            skipped[node.name] = reason
+        else:
+            chosen.append(node)
+    return chosen, skipped
 
 
 def unsupported_reason(node: gs.Node, weight: gs.Constant, min_size: int) -> str | None:

@@ -44,7 +44,7 @@ from qcompile.ir.model import Model
 
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
-from .layers import as_rows, output_error, unsupported_reason, weight_of
+from .layers import as_rows, output_error, select_layers, weight_of
 from .obs import obs_prune
 from .pruning import keep_mask, parse_pattern, wanda_scores
 
@@ -136,21 +136,7 @@ class Prune(Pass):
         return {n.name: _gram_for(n, grams) for n in nodes}
 
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
-        chosen, skipped = [], {}
-        for node in model.graph.nodes:
-            weight = weight_of(node)
-            if weight is None:
-                continue
-            pattern = matches_any(node.name, self.skip)
-            if pattern:
-                skipped[node.name] = f"excluded by skip pattern {pattern!r}"
-            elif node.op == "Gather" and not self.embeddings:
-                skipped[node.name] = "embeddings=false"
-            elif reason := unsupported_reason(node, weight, self.min_size):
-                skipped[node.name] = reason
-            else:
-                chosen.append(node)
-        return chosen, skipped
+        return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size)
 
     # -- plan --------------------------------------------------------------------------
 

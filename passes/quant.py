@@ -49,7 +49,7 @@ from .base import Pass, PassResult, matches_any, option
 from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
-from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .layers import layer_matrix, layer_stats, rewrite, select_layers
 from .patterns import activation_matmuls, swiglus
 from .plan import planned_bits, read_plan
 from .sparsequant import quantize_sparse, zero_fraction
@@ -200,25 +200,8 @@ class Quant(Pass):
     # -- selection ---------------------------------------------------------------------
 
     def _select(self, model: Model, exclude: set[str]) -> tuple[list[gs.Node], dict[str, str]]:
-        chosen, skipped = [], {}
-        for node in model.graph.nodes:
-            weight = weight_of(node)
-            if weight is None or node.name in exclude:
-                continue
-            reason = self._skip_reason(node, weight)
-            if reason:
-                skipped[node.name] = reason
-            else:
-                chosen.append(node)
-        return chosen, skipped
-
-    def _skip_reason(self, node: gs.Node, weight: gs.Constant) -> str | None:
-        pattern = matches_any(node.name, self.skip)
-        if pattern:
-            return f"excluded by skip pattern {pattern!r}"
-        if node.op == "Gather" and not self.embeddings:
-            return "embeddings=false"
-        return unsupported_reason(node, weight, self.min_size)
+        return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size,
+                             ignore=lambda node: node.name in exclude)
 
     # -- rewriting ---------------------------------------------------------------------
 

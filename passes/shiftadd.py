@@ -33,10 +33,10 @@ from qcompile.ir import qops
 from qcompile.ir.bcq import BCQWeight
 from qcompile.ir.model import Model
 
-from .base import Pass, PassResult, matches_any, option
+from .base import Pass, PassResult, option
 from .bcqfit import bcq_gptq, bcq_rowwise
 from .context import PassContext
-from .layers import layer_matrix, layer_stats, rewrite, unsupported_reason, weight_of
+from .layers import layer_matrix, layer_stats, rewrite, select_layers
 from .plan import planned_bits, read_plan
 
 log = logging.getLogger(__name__)
@@ -96,23 +96,7 @@ class ShiftAdd(Pass):
     # -- selection (as quant) ------------------------------------------------------------
 
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
-        chosen, skipped = [], {}
-        for node in model.graph.nodes:
-            weight = weight_of(node)
-            if weight is None:
-                continue
-            pattern = matches_any(node.name, self.skip)
-            if pattern:
-                reason: str | None = f"excluded by skip pattern {pattern!r}"
-            elif node.op == "Gather" and not self.embeddings:
-                reason = "embeddings=false"
-            else:
-                reason = unsupported_reason(node, weight, self.min_size)
-            if reason:
-                skipped[node.name] = reason
-            else:
-                chosen.append(node)
-        return chosen, skipped
+        return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size)
 
     # -- rewriting -----------------------------------------------------------------------
 
