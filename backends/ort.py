@@ -14,10 +14,13 @@
   LM head) keep one copy on disk: the MatMulNBits inputs are ``Reshape`` views of the
   GatherBlockQuantized initializers (the bytes are the same; ONNX Runtime folds the
   reshapes when the session starts).
+* 3-bit ``int`` weights run in the 4-bit kernels (their codes re-packed at 4 bits, an
+  exact change); on disk they stay 3-bit, as do float16 scales (:mod:`.ort_storage`:
+  standard ops widen them when the session starts).
 * Everything else stays a ``qcompile`` op with its reference function, which ONNX
   Runtime inlines and constant-folds when the session starts: small on disk, FP32
-  speed (3-bit ``int`` weights, ``QConv``, and sparse weights: ONNX Runtime has no
-  sparse kernel, so the bitmask / N:M forms are decoded to dense float).
+  speed (``QConv``, other formats, and sparse weights: ONNX Runtime has no sparse
+  kernel, so the bitmask / N:M forms are decoded to dense float).
 
 Targets: ``cpu``; ``cuda`` (CUDA execution provider first in the manifest); ``edge``
 (also writes the ``.ort`` format for ONNX Runtime Mobile).
@@ -39,11 +42,14 @@ from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
 from qcompile.ir.sparse import SparseWeight
 
+from .ort_storage import compact
+
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "edge")
 MSFT_DOMAIN = "com.microsoft"
 NATIVE_BITS = (2, 4, 8)
+WIDENED_BITS = {3: 4}  # code widths without a kernel: run in the next wider one
 MODEL_FILE = "model.onnx"
 ORT_FILE = "model.ort"
 # ONNX Runtime fuses the residual Add + LayerNormalization after a MatMulNBits into
@@ -74,11 +80,12 @@ def providers_for(target: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if target == "cuda" else ["CPUExecutionProvider"]
 
 
-def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, str], list[list[str]]]:
+def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, str], list[list[str]], dict]:
     """A copy of ``model`` with native ONNX Runtime kernels.
 
-    Returns the lowered model, the kernel used per quantized layer, and the groups of
-    layers merged into one kernel because they read the same input.
+    Returns the lowered model, the kernel used per quantized layer, the groups of layers
+    merged into one kernel because they read the same input, and what was stored narrower
+    on disk than the kernels read it.
     """
     lowered = model.copy()
     graph = lowered.graph
@@ -88,7 +95,8 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
     for node in list(graph.nodes):
         if not qops.is_quantized(node):
             continue
-        weight = qops.read_weight(node)
+        ir_weight = qops.read_weight(node)
+        weight = _kernel_weight(ir_weight)
         if isinstance(weight, SparseWeight):
             kernels[node.name] = (f"{node.op} reference function, {weight.format} format ({weight.pattern}): no sparse "
                                   "kernel in ONNX Runtime, decoded to dense float when the session starts")
@@ -118,17 +126,32 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         if replacement is None:
             kernels[node.name] = f"{node.op} reference function (decoded when the session starts)"
             continue
-        kernels[node.name] = replacement[0].op
+        kernels[node.name] = replacement[0].op + (f" ({ir_weight.bits}-bit codes in the {weight.bits}-bit kernel)"
+                                                  if weight is not ir_weight else "")
         position = graph.nodes.index(node)
         node.inputs.clear()
         node.outputs.clear()
         graph.nodes[position : position + 1] = replacement
     merged_groups = _merge_shared_input(graph)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    storage = compact(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if any(n.domain == MSFT_DOMAIN for n in graph.nodes):
         domains = [d for d in (graph.import_domains or []) if d.domain != MSFT_DOMAIN]
         graph.import_domains = [*domains, onnx.helper.make_opsetid(MSFT_DOMAIN, 1)]
-    return lowered, kernels, merged_groups
+    return lowered, kernels, merged_groups, storage.summary()
+
+
+def _kernel_weight(weight):
+    """``weight`` as the kernel reads it: 3-bit ``int`` codes re-packed at 4 bits (same values)."""
+    if not isinstance(weight, QuantizedWeight) or weight.bits not in WIDENED_BITS:
+        return weight
+    wide = WIDENED_BITS[weight.bits]
+    codes = unpack_codes(weight.packed, weight.bits)
+    # the kernels' implicit symmetric zero point is 2**(wide-1): give the narrow one explicitly
+    zero_points = np.full_like(weight.zero_points, 1 << (weight.bits - 1)) if weight.sym else weight.zero_points
+    return QuantizedWeight(pack_codes(codes, wide), weight.scales, zero_points, wide, weight.group_size,
+                           weight.cols, sym=False)
 
 
 def _tied_weights(graph: gs.Graph) -> set[str]:
@@ -141,7 +164,7 @@ def _tied_weights(graph: gs.Graph) -> set[str]:
     for node in graph.nodes:
         if not qops.is_quantized(node):
             continue
-        weight = qops.read_weight(node)
+        weight = _kernel_weight(qops.read_weight(node))
         if not isinstance(weight, QuantizedWeight) or weight.bits not in NATIVE_BITS or \
                 not _power_of_two(weight.group_size) or weight.cols % weight.group_size:
             continue
@@ -367,7 +390,7 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
     """Write the ONNX Runtime artifact's model files into ``folder``; return the manifest section."""
     if target not in TARGETS:
         raise BackendError(f"backend ort: unknown target {target!r} (targets: {', '.join(TARGETS)})")
-    lowered, kernels, merged_groups = lower(model, accuracy_level=accuracy_level)
+    lowered, kernels, merged_groups, storage = lower(model, accuracy_level=accuracy_level)
     model_path = io.save(lowered, folder / MODEL_FILE)
     files = [MODEL_FILE] + [p.name for p in folder.glob(f"{MODEL_FILE}.data")]
     has_qdq = any(node.op == "QuantizeLinear" for node in lowered.graph.nodes)
@@ -394,4 +417,5 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
         "accuracy_level": accuracy_level,
         "kernels": kernels,
         "merged": merged_groups,
+        "storage": storage,
     }
