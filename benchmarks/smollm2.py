@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from ort_baselines import file_mb, ort_matmulnbits  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.frontends.llm import cached_causal_lm_onnx  # noqa: E402
+from qcompile.frontends.llm import cached_causal_lm_onnx, smollm2_path  # noqa: E402
 from qcompile.frontends.text import english_text  # noqa: E402
 from qcompile.llm_eval import (  # noqa: E402
     calibration_arrays,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     source = cached_causal_lm_onnx(None, "decode")
     args.work.mkdir(parents=True, exist_ok=True)
     fp32 = open_lm(source)
-    tokenizer = tokenizer_for(fp32)
+    tokenizer = tokenizer_for(fp32, smollm2_path())  # the cached export may come from another environment
     eval_windows = token_windows(tokenizer, english_text("eval"), count=args.windows)
     past_shapes = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in fp32.past_inputs}
     calib = calibration_arrays(fp32.input_names, tokenizer, samples=args.calib_windows, past_shapes=past_shapes)

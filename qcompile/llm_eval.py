@@ -151,6 +151,8 @@ def tokenizer_for(lm: LanguageModel, folder: str | Path | None = None) -> Any:
     source = folder or lm.hf_folder
     if not source:
         raise UsageError(f"{lm.path}: the model does not say which tokenizer it uses; pass --tokenizer FOLDER")
+    if not folder and not Path(source).is_dir():  # exported elsewhere (another environment) and moved
+        raise UsageError(f"{lm.path}: its tokenizer folder {source} no longer exists; pass --tokenizer FOLDER")
     return load_tokenizer(source)
 
 
