@@ -73,6 +73,15 @@ class PassContext:
         """
         return self.statistics(model, gram_of=tensor_names, allow_synthetic=allow_synthetic)[0]
 
+    def means(self, model: Model, tensor_names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Per tensor, the mean of each last-axis channel over every calibration row (float64)."""
+        means: dict[str, np.ndarray] = {}
+        for chunk, parts in self._stream(model, tensor_names, False):
+            for name in chunk:
+                rows = sum(p.shape[0] for p in parts[name])
+                means[name] = sum(p.astype(np.float64).sum(0) for p in parts[name]) / max(rows, 1)
+        return means
+
     def statistics(
         self,
         model: Model,

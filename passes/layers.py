@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.ir import qops
 from qcompile.ir.formats import Weight
-from qcompile.ir.model import Model
+from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.runtime import error_metrics
 
 from .base import matches_any
@@ -94,6 +94,35 @@ def layer_matrix(node: gs.Node) -> tuple[np.ndarray, tuple[str, str], str]:
     if alpha != 1.0:
         return matrix * alpha, (f"{weight.name}*{alpha}", key[1]), f"{weight.name}.alpha"
     return matrix, key, weight.name
+
+
+def correct_bias(model: Model, node: gs.Node, original: np.ndarray, new: np.ndarray, mean: np.ndarray) -> float | None:
+    """Move the mean output error of a lossy weight change into the layer's bias.
+
+    With ``x``'s calibration mean ``mean``, the output error ``(W - W') x`` averages
+    ``(W - W') mean``; adding that to the bias leaves only its zero-mean part (the bias
+    correction of Nagel et al., "Data-Free Quantization", 2019). ``original``/``new`` are the
+    node's weight as ``[rows, cols]`` (:func:`as_rows`; Gemm's alpha is applied here). Works for MatMul + ``Add`` of a constant bias
+    and Gemm with a constant ``C``; returns the norm of the shift, or None (no bias to use).
+    """
+    if node.op not in ("MatMul", "Gemm") or mean.shape != (original.shape[1],):
+        return None
+    shift = (original.astype(np.float64) - new.astype(np.float64)) @ mean
+    if node.op == "Gemm":
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        beta = float(node.attrs.get("beta", 1.0))
+        if not isinstance(bias, gs.Constant) or tuple(bias.shape) != (original.shape[0],) or beta == 0.0:
+            return None
+        alpha = float(node.attrs.get("alpha", 1.0))
+        node.inputs[2] = gs.Constant(f"{bias.name}.corrected", (bias.values + shift * alpha / beta).astype(bias.dtype))
+        return float(np.linalg.norm(shift))
+    found = constant_bias_add(model.graph, node, original.shape[0])
+    if found is None:
+        return None
+    add, bias = found
+    corrected = gs.Constant(f"{bias.name}.corrected", (bias.values + shift).astype(np.float32))
+    add.inputs[add.inputs.index(bias)] = corrected
+    return float(np.linalg.norm(shift))
 
 
 def rewrite(model: Model, node: gs.Node, quantized: Weight, constants: list[gs.Constant], pass_name: str) -> None:

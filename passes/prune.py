@@ -44,7 +44,7 @@ from qcompile.ir.model import Model
 
 from .base import Pass, PassResult, matches_any, option
 from .context import PassContext
-from .layers import as_rows, output_error, select_layers, weight_of
+from .layers import as_rows, correct_bias, output_error, select_layers, weight_of
 from .obs import obs_prune
 from .pruning import keep_mask, parse_pattern, wanda_scores
 
@@ -78,6 +78,8 @@ class Prune(Pass):
     damp: float = option(0.01, "update: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     sequential: bool = option(False, "with --calib: prune in stages, each stage's input statistics taken on the "
                               "model pruned so far (one calibration run per stage: slower)")
+    bias_correction: bool = option(False, "with --calib: add each layer's mean output error (W - W')E[x] to its "
+                                   "bias (MatMul + Add, Gemm)")
     block_size: int = option(128, "update: columns per block (a multiple of M for N:M)", min=8, max=4096)
     skip: tuple[str, ...] = option((), "node-name glob patterns left dense, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay dense", min=0)
@@ -207,6 +209,8 @@ class Prune(Pass):
         stages = _stages(model, nodes) if self._sequential(ctx) else [nodes]
         for stage in stages:
             grams = self._grams(model, stage, ctx)
+            means = (ctx.means(model, [n.inputs[0].name for n in stage if n.op in ("MatMul", "Gemm")])
+                     if self.bias_correction and ctx.calib is not None else {})
             for node in stage:
                 target = plan[node.name]
                 key = (node.inputs[1 if node.op != "Gather" else 0].name, f"{node.op}{node.attrs.get('transB', '')}")
@@ -216,6 +220,9 @@ class Prune(Pass):
                 matrix, pruned = done[key]
                 changed |= _write_back(node, pruned, pruned_names)
                 layers[node.name] = self._layer_stats(node, matrix, pruned, target, grams[node.name])
+                if node.inputs[0].name in means:
+                    shift = correct_bias(model, node, matrix, pruned, means[node.inputs[0].name])
+                    layers[node.name]["bias_shift"] = round(shift, 6) if shift is not None else "no constant bias"
                 ctx.progress.advance()
         if changed:
             model.graph.cleanup(remove_unused_graph_inputs=False)

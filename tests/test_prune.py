@@ -295,3 +295,27 @@ def test_inspection_counts_the_sparse_metadata_as_packed_weights():
     sizes = table["totals"]["sizes"]
     assert sum(sizes.values()) == result.constant_bytes()
     assert sizes["packed"] >= sum(t.values.nbytes for t in result.tensors().values() if t.name.endswith(".mask"))
+
+
+@pytest.mark.parametrize("layer, width", [("fc1", 128), ("fc3", 48)])  # MatMul + Add; Gemm with alpha, beta
+def test_bias_correction_removes_the_mean_output_error(layer, width):
+    """After pruning one layer, its output averaged over the calibration rows equals FP32's: the
+    mean error (W - W')E[x] went into the bias, and only the zero-mean part is left."""
+    model, calib = _mlp()
+    node = next(n for n in model.graph.nodes if n.name == layer)
+    probe = node.outputs[0].outputs[0].outputs[0].name if node.op == "MatMul" else node.outputs[0].name
+
+    def outputs(m: Model) -> np.ndarray:
+        session = make_session(m, extra_outputs=[probe])
+        return np.concatenate([session.run([probe], f)[0].reshape(-1, width) for f in calib.batches(1)])
+
+    reference = outputs(model)
+    errors = {}
+    for correct in (False, True):
+        others = "|".join(n for n in ("fc1", "fc2", "fc3") if n != layer)
+        spec = f"prune(sparsity=0.5,skip={others},min_size=0,bias_correction={str(correct).lower()})"
+        result, (record,) = _run(model.copy(), spec, calib)
+        errors[correct] = np.abs((outputs(result) - reference).mean(0)).max()
+        if correct:
+            assert isinstance(record.stats["layers"][layer]["bias_shift"], float)
+    assert errors[True] < 1e-4 < errors[False]
