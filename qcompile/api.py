@@ -37,7 +37,7 @@ BACKENDS = ("ort", "tvm", "auto")
 EVAL_SAMPLES = 8
 # Which backend runs each quantized-weight format fast; ``auto`` picks TVM for a model
 # holding any format mapped to "tvm" (when TVM is installed), else ONNX Runtime.
-FORMAT_BACKENDS = {"int": "ort"}
+FORMAT_BACKENDS = {"int": "ort", "bcq": "tvm"}  # bcq: ORT only has its decode-then-MatMul reference
 TARGETS = {"ort": ort_backend.TARGETS, "tvm": tvm_backend.TARGETS}
 
 
