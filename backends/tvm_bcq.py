@@ -396,6 +396,40 @@ def qmatmul_te(x, planes, alphas, row_group: int, col_group: int, cols: int):
     return te.compute((x.shape[0], rows), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k), name="qmatmul")
 
 
+def gpu_arrays(weight: BCQWeight) -> list[np.ndarray]:
+    """The weight for :func:`qmatmul_split_te`: one uint8 ``[rows, bytes]`` array per plane,
+    then one int8 ``[row_groups, col_groups]`` array of alpha codes per (plane, term) (the
+    same bytes, split). dlight's GEMV rule needs every weight read to touch one element:
+    with the planes and terms as axes of one array, a row's decode reads a range of them
+    and the rule gives up (one thread per output row, a serial loop over K)."""
+    planes = [np.ascontiguousarray(weight.planes[:, q]) for q in range(weight.bits)]
+    codes = [np.ascontiguousarray(weight.alphas[:, :, q, t]) for q in range(weight.bits) for t in range(weight.terms)]
+    return planes + codes
+
+
+def qmatmul_split_te(x, *arrays, bits: int, row_group: int, col_group: int, cols: int):
+    """``qmatmul_te`` over :func:`gpu_arrays`: the decode reads one element of each array."""
+    planes, codes = arrays[:bits], arrays[bits:]
+    terms = len(codes) // bits
+
+    def value(n, k):
+        total = None
+        for q in range(bits):
+            alpha = None
+            for t in range(terms):
+                term = _term_te(codes[q * terms + t][n // row_group, k // col_group].astype("int32"))
+                alpha = term if alpha is None else alpha + term
+            bit = (planes[q][n, k // 8].astype("int32") >> (k % 8)) & 1
+            signed = tirx.Select(bit != 0, alpha, -alpha)
+            total = signed if total is None else total + signed
+        return total
+
+    weight = te.compute((planes[0].shape[0], cols), value, name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((x.shape[0], planes[0].shape[0]), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k),
+                      name="qmatmul")
+
+
 def qgather_te(planes, indices, alphas, row_group: int, col_group: int, cols: int):
     """``Y[I, cols] = decode(W)[indices]`` for flat int64 ``indices`` (negative ones wrap)."""
     vocab = planes.shape[0]

@@ -66,6 +66,20 @@ class _Layer:
     weight: Any  # QuantizedWeight (int) or BCQWeight (bcq)
     param_names: list[str]  # the format's weight inputs, in its order (qcompile.ir.formats)
     layout: Any = None  # kernels.CpuLayout / tvm_bcq.BcqCpuLayout for CPU QMatMul
+    gpu_arrays: list[np.ndarray] | None = None  # GPU QMatMul weights split for dlight's GEMV rule
+
+    def kernel_arrays(self) -> list[np.ndarray]:
+        """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
+        if self.gpu_arrays is not None:
+            return self.gpu_arrays
+        if self.format == "bcq":
+            return self.layout.arrays() if self.layout is not None else [self.weight.planes, self.weight.alphas]
+        if self.layout is not None:
+            return [self.layout.packed, self.layout.scales, self.layout.zero_points]
+        return [self.weight.packed, self.weight.scales, self.weight.zero_points]
+
+    def param_name(self, index: int) -> str:
+        return self.param_names[index] if index < len(self.param_names) else f"{self.param_names[0]}.{index}"
 
 
 def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -> dict[str, _Layer]:
@@ -85,7 +99,13 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -
             else:
                 vnni = int8_activations and kernels.vnni_eligible(weight)
                 layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
-        layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout)
+        gpu_arrays = None
+        if not cpu and node.op == "QMatMul":
+            if fmt == "bcq":
+                gpu_arrays = tvm_bcq.gpu_arrays(weight)
+            elif weight.bits == 3:
+                gpu_arrays = [*kernels.split3_planes(weight), weight.scales, weight.zero_points]
+        layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout, gpu_arrays)
     return layers
 
 
@@ -100,6 +120,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         self._bcq_gemv = bcq_gemv
         self._gather = gather
         self._weight_vars: dict[tuple[str, int], relax.Var] = {}
+        self._array_counts: dict[str, int] = {}
         self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
         self.kernel_names: dict[str, str] = {}
 
@@ -112,13 +133,15 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             if init_tensor.name not in owned:
                 self._nodes[init_tensor.name] = relax.const(self._parse_array(init_tensor))
         for layer in self._layers.values():
-            for index, array in enumerate(self._kernel_arrays(layer)):
-                name = f"{layer.param_names[index]}"
+            arrays = layer.kernel_arrays()
+            self._array_counts[layer.node_name] = len(arrays)
+            for index, array in enumerate(arrays):
+                name = layer.param_name(index)
                 if (layer.node_name, index) in self._weight_vars:
                     continue
                 var = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
                 self._weight_vars[(layer.node_name, index)] = var
-                self._nodes[layer.param_names[index]] = var
+                self._nodes[name] = var
                 self._params[f"{layer.node_name}:{index}"] = (var, tvm.runtime.tensor(array))
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
@@ -144,16 +167,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
 
     # -- lowering -----------------------------------------------------------------
 
-    def _kernel_arrays(self, layer: _Layer) -> list[np.ndarray]:
-        if layer.format == "bcq":
-            return layer.layout.arrays() if layer.layout is not None else [layer.weight.planes, layer.weight.alphas]
-        if layer.layout is not None:
-            return [layer.layout.packed, layer.layout.scales, layer.layout.zero_points]
-        weight = layer.weight
-        return [weight.packed, weight.scales, weight.zero_points]
-
     def _vars(self, layer: _Layer) -> list[relax.Var]:
-        return [self._weight_vars[(layer.node_name, index)] for index in range(len(layer.param_names))]
+        return [self._weight_vars[(layer.node_name, index)] for index in range(self._array_counts[layer.node_name])]
 
     def _check_input(self, layer: _Layer, x: relax.Expr) -> None:
         if not _static(x):
@@ -190,8 +205,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                                                   f"(cpu, {layout.lanes} lanes)")
         else:
             result = self.bb.normalize(self.bb.call_te(
-                tvm_bcq.qmatmul_te, flat, *args, weight.row_group, weight.col_group, weight.cols,
-                primfunc_name_hint=f"qmatmul_bcq{weight.bits}"))
+                tvm_bcq.qmatmul_split_te, flat, *args, bits=weight.bits, row_group=weight.row_group,
+                col_group=weight.col_group, cols=weight.cols, primfunc_name_hint=f"qmatmul_bcq{weight.bits}"))
             self.kernel_names[layer.node_name] = (f"tvm decode-fused matmul bcq{weight.bits} {_bcq_layout(weight)} "
                                                   "(dlight)")
         return relax.op.reshape(result, [*leading, weight.rows])
@@ -209,7 +224,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         flat, leading = self._flatten_rows(x, weight.cols)
         rows = _shape(flat)[0]
         padded_cols = weight.n_groups * weight.group_size
-        packed, scales, zero_points = self._vars(layer)
+        if layer.layout is not None or layer.gpu_arrays is None:
+            packed, scales, zero_points = self._vars(layer)
         if layer.layout is not None:
             if padded_cols != weight.cols:
                 flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, padded_cols - weight.cols]))
@@ -227,6 +243,11 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             kind = "GEMV" if rows <= kernels.GEMV_MAX_ROWS else "GEMM"
             detail = "int8 activations, VNNI" if layer.layout.kind == "vnni" else f"{layer.layout.lanes} lanes"
             self.kernel_names[layer.node_name] = f"tvm decode-fused {kind} int{weight.bits} (cpu, {detail})"
+        elif layer.gpu_arrays is not None:  # 3 bits as a 2-bit and a 1-bit plane
+            result = self.bb.normalize(self.bb.call_te(
+                kernels.qmatmul3_te, flat, *self._vars(layer), weight.group_size, weight.cols,
+                primfunc_name_hint=f"qmatmul{weight.bits}"))
+            self.kernel_names[layer.node_name] = f"tvm decode-fused matmul int{weight.bits} 2+1-bit planes (dlight)"
         else:
             result = self.bb.normalize(self.bb.call_te(
                 kernels.qmatmul_te, flat, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
