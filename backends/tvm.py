@@ -136,13 +136,17 @@ def _build(module, target, cpu: bool):
     return tvm.compile(lowered, target=target, relax_pipeline=tvm.transform.Sequential(finish))
 
 
-def has_vnni(target) -> bool:
+def has_feature(feature: str, target) -> bool:
     from tvm.target import codegen
 
     try:
-        return bool(codegen.target_has_features("avx512vnni", target))
+        return bool(codegen.target_has_features(feature, target))
     except Exception:  # a target LLVM cannot query (cross targets)
         return False
+
+
+def has_vnni(target) -> bool:
+    return has_feature("avx512vnni", target)
 
 
 def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = None,
@@ -164,7 +168,8 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", arch: str | None = 
     archs = parse_arch(arch) if target == "cuda" else []
     int8_activations = target == "cpu" and accuracy_level == 4 and has_vnni(_llvm_target("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):  # the importer prints on failures; we report instead
-        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes, int8_activations=int8_activations)
+        imported = tvm_import.to_relax(model, cpu=cpu, input_shapes=input_shapes, int8_activations=int8_activations,
+                                       gather=target == "cpu" and has_feature("avx512f", _llvm_target("cpu")))
     module, _ = detach_params(imported.module)
     files: list[str] = []
     libraries: dict[str, str] = {}

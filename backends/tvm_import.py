@@ -23,6 +23,7 @@ import contextlib
 import io
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,8 +36,8 @@ from qcompile.errors import UnsupportedModelError
 from qcompile.ir import qops
 from qcompile.ir.canonicalize import _set_input_shapes, infer_shapes
 from qcompile.ir.model import Model
-from qcompile.ir.qformat import QuantizedWeight
 
+from . import tvm_bcq
 from . import tvm_kernels as kernels
 
 log = logging.getLogger(__name__)
@@ -54,40 +55,72 @@ class ImportResult:
     kernels: dict[str, str] = field(default_factory=dict)  # quantized node -> kernel description
 
 
+SUPPORTED_FORMATS = ("int", "bcq")
+
+
 @dataclass
 class _Layer:
     node_name: str
     op: str
-    weight: QuantizedWeight
-    param_names: list[str]
-    layout: kernels.CpuLayout | None = None
+    format: str
+    weight: Any  # QuantizedWeight (int) or BCQWeight (bcq)
+    param_names: list[str]  # the format's weight inputs, in its order (qcompile.ir.formats)
+    layout: Any = None  # kernels.CpuLayout / tvm_bcq.BcqCpuLayout for CPU QMatMul
+    gpu_arrays: list[np.ndarray] | None = None  # GPU QMatMul weights split for dlight's GEMV rule
+
+    def kernel_arrays(self) -> list[np.ndarray]:
+        """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
+        if self.gpu_arrays is not None:
+            return self.gpu_arrays
+        if self.format == "bcq":
+            return self.layout.arrays() if self.layout is not None else [self.weight.planes, self.weight.alphas]
+        if self.layout is not None:
+            return [self.layout.packed, self.layout.scales, self.layout.zero_points]
+        return [self.weight.packed, self.weight.scales, self.weight.zero_points]
+
+    def param_name(self, index: int) -> str:
+        return self.param_names[index] if index < len(self.param_names) else f"{self.param_names[0]}.{index}"
 
 
 def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -> dict[str, _Layer]:
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
-        fmt = node.attrs.get("format", "int")
-        if fmt != "int":
-            raise UnsupportedModelError(f"backend tvm: {node.name}: format {fmt!r} is not supported yet")
+        fmt = str(node.attrs.get("format", "int"))
+        if fmt not in SUPPORTED_FORMATS or node.attrs.get("sparse"):
+            name = qops.format_name(node)
+            raise UnsupportedModelError(f"backend tvm: {node.name}: format {name!r} is not supported yet "
+                                        f"(supported: {', '.join(SUPPORTED_FORMATS)}; use --backend ort)")
         weight = qops.read_weight(node)
-        first = 0 if node.op == "QGather" else 1
-        names = [node.inputs[first].name, node.inputs[2].name, node.inputs[3].name]
-        layout = None
+        names = [tensor.name for tensor in qops.weight_inputs(node)]
+        layout: Any = None
         if cpu and node.op == "QMatMul":
-            vnni = int8_activations and kernels.vnni_eligible(weight)
-            layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
-        layers[node.name] = _Layer(node.name, node.op, weight, names, layout)
+            if fmt == "bcq":
+                layout = tvm_bcq.cpu_layout(weight)
+            else:
+                vnni = int8_activations and kernels.vnni_eligible(weight)
+                layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
+        gpu_arrays = None
+        if not cpu and node.op == "QMatMul":
+            if fmt == "bcq":
+                gpu_arrays = tvm_bcq.gpu_arrays(weight)
+            elif weight.bits == 3:
+                gpu_arrays = [*kernels.split3_planes(weight), weight.scales, weight.zero_points]
+        layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout, gpu_arrays)
     return layers
 
 
 class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
     """The Relax ONNX importer plus our lowering of ``qcompile`` quantized ops."""
 
-    def __init__(self, layers: dict[str, _Layer], *, cpu: bool, shape_dict: dict, dtype_dict: dict) -> None:
+    def __init__(self, layers: dict[str, _Layer], *, cpu: bool, shape_dict: dict, dtype_dict: dict,
+                 bcq_gemv: str = tvm_bcq.DEFAULT_GEMV, gather: bool = False) -> None:
         super().__init__(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=False)
         self._layers = layers
         self._cpu = cpu
+        self._bcq_gemv = bcq_gemv
+        self._gather = gather
         self._weight_vars: dict[tuple[str, int], relax.Var] = {}
+        self._array_counts: dict[str, int] = {}
         self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
         self.kernel_names: dict[str, str] = {}
 
@@ -100,13 +133,15 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             if init_tensor.name not in owned:
                 self._nodes[init_tensor.name] = relax.const(self._parse_array(init_tensor))
         for layer in self._layers.values():
-            for index, array in enumerate(self._kernel_arrays(layer)):
-                name = f"{layer.param_names[index]}"
+            arrays = layer.kernel_arrays()
+            self._array_counts[layer.node_name] = len(arrays)
+            for index, array in enumerate(arrays):
+                name = layer.param_name(index)
                 if (layer.node_name, index) in self._weight_vars:
                     continue
                 var = relax.Var(name, relax.TensorType(array.shape, str(array.dtype)))
                 self._weight_vars[(layer.node_name, index)] = var
-                self._nodes[layer.param_names[index]] = var
+                self._nodes[name] = var
                 self._params[f"{layer.node_name}:{index}"] = (var, tvm.runtime.tensor(array))
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
@@ -124,21 +159,57 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         if layer is None or op_name != layer.op:
             return super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name == "QMatMul":
-            return self.bb.normalize(self._qmatmul(layer, inputs[0]))
+            lower = self._qmatmul_bcq if layer.format == "bcq" else self._qmatmul
+            return self.bb.normalize(lower(layer, inputs[0]))
         if op_name == "QGather":
             return self.bb.normalize(self._qgather(layer, inputs[1]))
         return self._qconv(layer, inputs, attrs, opset)
 
     # -- lowering -----------------------------------------------------------------
 
-    def _kernel_arrays(self, layer: _Layer) -> list[np.ndarray]:
-        if layer.layout is not None:
-            return [layer.layout.packed, layer.layout.scales, layer.layout.zero_points]
-        weight = layer.weight
-        return [weight.packed, weight.scales, weight.zero_points]
-
     def _vars(self, layer: _Layer) -> list[relax.Var]:
-        return [self._weight_vars[(layer.node_name, index)] for index in range(3)]
+        return [self._weight_vars[(layer.node_name, index)] for index in range(self._array_counts[layer.node_name])]
+
+    def _check_input(self, layer: _Layer, x: relax.Expr) -> None:
+        if not _static(x):
+            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input shape is not static "
+                                        "(pass --input-shape NAME=DxD for every model input)")
+        if _dtype(x) != "float32":
+            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input is {_dtype(x)}, "
+                                        "expected float32")
+
+    def _qmatmul_bcq(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
+        """``bcq`` QMatMul: the CPU kernels of :mod:`tvm_bcq` over the re-laid-out planes and
+        alpha codes, or its tensor-expression kernel for dlight (CUDA)."""
+        weight = layer.weight
+        self._check_input(layer, x)
+        flat, leading = self._flatten_rows(x, weight.cols)
+        rows = _shape(flat)[0]
+        args = self._vars(layer)
+        layout = layer.layout
+        if layout is not None:
+            if layout.padded_cols != weight.cols:
+                flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, layout.padded_cols - weight.cols]))
+            kind = tvm_bcq.kernel_kind(rows, layout, self._bcq_gemv)
+            key = ("bcq", rows, layout.planes.shape, layout.alphas.shape, weight.row_group, weight.col_group, kind)
+            if key not in self._kernel_cache:
+                func = tvm_bcq.qmatmul_cpu(rows, layout, self._bcq_gemv, self._gather)
+                name = f"qmatmul_bcq{weight.bits}_{'gemm' if kind == 'GEMM' else 'gemv'}"
+                self._kernel_cache[key] = self.bb.add_func(func, name)
+            out = relax.call_tir(self._kernel_cache[key], [flat, *args],
+                                 relax.TensorType([rows, layout.padded_rows], "float32"))
+            result = self.bb.normalize(out)
+            if layout.padded_rows != weight.rows:
+                result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
+            self.kernel_names[layer.node_name] = (f"tvm decode-fused {kind} bcq{weight.bits} {_bcq_layout(weight)} "
+                                                  f"(cpu, {layout.lanes} lanes)")
+        else:
+            result = self.bb.normalize(self.bb.call_te(
+                tvm_bcq.qmatmul_split_te, flat, *args, bits=weight.bits, row_group=weight.row_group,
+                col_group=weight.col_group, cols=weight.cols, primfunc_name_hint=f"qmatmul_bcq{weight.bits}"))
+            self.kernel_names[layer.node_name] = (f"tvm decode-fused matmul bcq{weight.bits} {_bcq_layout(weight)} "
+                                                  "(dlight)")
+        return relax.op.reshape(result, [*leading, weight.rows])
 
     def _flatten_rows(self, x: relax.Expr, width: int) -> tuple[relax.Expr, list[int]]:
         shape = _shape(x)
@@ -149,16 +220,12 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
 
     def _qmatmul(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
         weight = layer.weight
-        if not _static(x):
-            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input shape is not static "
-                                        "(pass --input-shape NAME=DxD for every model input)")
-        if _dtype(x) != "float32":
-            raise UnsupportedModelError(f"backend tvm: {layer.node_name}: input is {_dtype(x)}, "
-                                        "expected float32")
+        self._check_input(layer, x)
         flat, leading = self._flatten_rows(x, weight.cols)
         rows = _shape(flat)[0]
         padded_cols = weight.n_groups * weight.group_size
-        packed, scales, zero_points = self._vars(layer)
+        if layer.layout is not None or layer.gpu_arrays is None:
+            packed, scales, zero_points = self._vars(layer)
         if layer.layout is not None:
             if padded_cols != weight.cols:
                 flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, padded_cols - weight.cols]))
@@ -176,6 +243,11 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             kind = "GEMV" if rows <= kernels.GEMV_MAX_ROWS else "GEMM"
             detail = "int8 activations, VNNI" if layer.layout.kind == "vnni" else f"{layer.layout.lanes} lanes"
             self.kernel_names[layer.node_name] = f"tvm decode-fused {kind} int{weight.bits} (cpu, {detail})"
+        elif layer.gpu_arrays is not None:  # 3 bits as a 2-bit and a 1-bit plane
+            result = self.bb.normalize(self.bb.call_te(
+                kernels.qmatmul3_te, flat, *self._vars(layer), weight.group_size, weight.cols,
+                primfunc_name_hint=f"qmatmul{weight.bits}"))
+            self.kernel_names[layer.node_name] = f"tvm decode-fused matmul int{weight.bits} 2+1-bit planes (dlight)"
         else:
             result = self.bb.normalize(self.bb.call_te(
                 kernels.qmatmul_te, flat, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
@@ -191,6 +263,13 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         shape = _shape(indices)
         count = int(np.prod(shape, dtype=np.int64))
         flat = self.bb.normalize(relax.op.reshape(indices, [count]))
+        if layer.format == "bcq":
+            planes, *rest = self._vars(layer)
+            result = self.bb.normalize(self.bb.call_te(
+                tvm_bcq.qgather_te, planes, flat, *rest, weight.row_group, weight.col_group, weight.cols,
+                primfunc_name_hint=f"qgather_bcq{weight.bits}"))
+            self.kernel_names[layer.node_name] = f"tvm decode-fused gather bcq{weight.bits}"
+            return relax.op.reshape(result, [*shape, weight.cols])
         packed, scales, zero_points = self._vars(layer)
         result = self.bb.normalize(self.bb.call_te(
             kernels.qgather_te, packed, flat, scales, zero_points, weight.bits, weight.group_size, weight.cols,
@@ -200,18 +279,31 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
 
     def _qconv(self, layer: _Layer, inputs, attrs, opset) -> relax.Expr:
         weight = layer.weight
-        packed, scales, zero_points = self._vars(layer)
-        decoded = self.bb.normalize(self.bb.call_te(
-            kernels.dequantize_te, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
-            primfunc_name_hint=f"dequantize{weight.bits}"))
+        if layer.format == "bcq":
+            decoded = self.bb.normalize(self.bb.call_te(
+                tvm_bcq.dequantize_te, *self._vars(layer), weight.row_group, weight.col_group, weight.cols,
+                primfunc_name_hint=f"dequantize_bcq{weight.bits}"))
+        else:
+            packed, scales, zero_points = self._vars(layer)
+            decoded = self.bb.normalize(self.bb.call_te(
+                kernels.dequantize_te, packed, scales, zero_points, weight.bits, weight.group_size, weight.cols,
+                primfunc_name_hint=f"dequantize{weight.bits}"))
         shape = [int(d) for d in attrs["weight_shape"]]
         kernel = self.bb.normalize(relax.op.reshape(decoded, shape))
         conv_attrs = {k: v for k, v in attrs.items() if k in qops.CONV_ATTRIBUTES or k == "tvm_custom"}
         conv_inputs = onnx_frontend.onnx_input()
         for value in (inputs[0], kernel, inputs[4] if len(inputs) > 4 else None):
             conv_inputs.append(value)
-        self.kernel_names[layer.node_name] = f"tvm decode int{weight.bits} + conv2d (decoded each call)"
+        self.kernel_names[layer.node_name] = f"tvm decode {layer.format}{weight.bits} + conv2d (decoded each call)"
         return super()._convert_operator("Conv", conv_inputs, conv_attrs, opset)
+
+
+def _bcq_layout(weight: Any) -> str:
+    if weight.col_group == 1:
+        return "column"
+    if weight.row_group == 1:
+        return "row"
+    return "block" if weight.col_group % 8 == 0 else f"col_group={weight.col_group}"
 
 
 def _static(expr: relax.Expr) -> bool:
@@ -252,12 +344,14 @@ def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) 
 
 
 def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]] | None = None,
-             int8_activations: bool = False) -> ImportResult:
+             int8_activations: bool = False, bcq_gemv: str = tvm_bcq.DEFAULT_GEMV,
+             gather: bool = False) -> ImportResult:
     """Import ``model`` (canonical IR) into Relax, with ``input_shapes`` fixing dynamic inputs.
 
     ``int8_activations``: QMatMul layers use the AVX-512 VNNI kernel where their shape
     allows (activations quantized to int8 on the fly, like ``MatMulNBits`` at
-    ``accuracy_level=4``)."""
+    ``accuracy_level=4``). ``bcq_gemv``: the GEMV kernel of ``bcq`` layers (``plain`` or
+    ``lut``); ``gather``: the target has AVX-512 (the LUT look-ups use ``vgatherdps``)."""
     proto = static_proto(model, input_shapes)
     model = Model.from_proto(proto)
     shapes, dtypes = {}, {}
@@ -270,7 +364,8 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
         shapes[value.name] = [d.dim_value for d in dims]
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
     layers = _quantized_layers(model, cpu, int8_activations)
-    importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes)
+    importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes, bcq_gemv=bcq_gemv,
+                                 gather=gather)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     try:
         module = importer.from_onnx(proto.graph, opset)

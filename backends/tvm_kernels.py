@@ -416,6 +416,34 @@ def _decode_te(packed, scales, zero_points, row, col, bits: int, group_size: int
     return (code.astype("float32") - zero_points[row, group].astype("float32")) * scales[row, group].astype("float32")
 
 
+def split3_planes(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """3-bit codes as a 2-bit plane ``[rows, bytes / 4]`` and a 1-bit plane ``[rows, bytes / 8]``
+    (``c = lo + 4 * hi``, packed like 2- and 1-bit codes): still 3 bits per weight, but no
+    code straddles a byte, so each plane is read at an affine byte index."""
+    codes = unpack_codes(weight.packed, 3)
+    return pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)
+
+
+def qmatmul3_te(x, low, high, scales, zero_points, group_size: int, cols: int):
+    """``qmatmul_te`` for 3 bits over :func:`split3_planes`. The packed layout's decode reads
+    a byte pair at ``run * 3 + min(i * 3 // 8 + 1, 2)``, which dlight's GEMV rule cannot
+    analyse: CUDA then got its one-thread-per-row fallback (a serial loop over K, ~100x
+    slower than 4 bits on an H200). Here both planes are read at ``[row, col // 4]`` and
+    ``[row, col // 8]``, the access pattern of the 2- and 4-bit kernels."""
+
+    def value(n, k):
+        lo = (low[n, k // 4].astype("int32") >> ((k % 4) * 2)) & 3
+        hi = (high[n, k // 8].astype("int32") >> (k % 8)) & 1
+        group = k // group_size
+        code = lo | (hi << 2)
+        return (code.astype("float32") - zero_points[n, group].astype("float32")) * scales[n, group].astype("float32")
+
+    weight = te.compute((low.shape[0], cols), value, name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((x.shape[0], low.shape[0]), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k),
+                      name="qmatmul")
+
+
 def qmatmul_te(x, packed, scales, zero_points, bits: int, group_size: int, cols: int):
     """``Y[M, N] = X[M, cols] @ decode(W)[:, :cols].T`` (decode inlined in the reduction)."""
     rows = packed.shape[0]

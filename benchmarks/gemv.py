@@ -5,7 +5,10 @@ kernel on the same random activation: ONNX Runtime FP32 ``MatMul``, ONNX Runtime
 ``MatMulNBits`` 4- and 2-bit with ``accuracy_level=4`` (int8 activations), and the TVM
 decode-fused kernels of the ``int`` format at 4, 3 and 2 bits (group 32): ``fp32`` (float
 activations, exact) and, on CPUs with AVX-512 VNNI, ``int8-act`` (activations quantized to
-int8 per group as ``accuracy_level=4`` does; qcompile's default there). Latencies are
+int8 per group as ``accuracy_level=4`` does; qcompile's default there), and of the ``bcq``
+format (shiftadd) at 3 and 2 bits in its column and block layouts, each with both GEMV
+kernels (``plain``: shifted activations + masked adds; ``lut``: 8-wide lookup tables;
+CUDA: the dlight-scheduled decode-fused GEMV). Latencies are
 medians measured round-robin (``interleaved_latency_ms``) so background load hits every
 kernel alike. "ideal" is the bytes the kernel must read (weights, scales, zero points)
 divided by the bandwidth FP32 achieved (``4*K*N`` bytes / FP32 time): the time a purely
@@ -33,7 +36,8 @@ sys.path.insert(0, str(HERE))
 
 from ort_baselines import interleaved_latency_ms  # noqa: E402
 
-from qcompile.backends import tvm_kernels  # noqa: E402
+from qcompile.backends import tvm_bcq, tvm_kernels  # noqa: E402
+from qcompile.ir.bcq import BCQWeight, encode_terms, from_signs  # noqa: E402
 from qcompile.ir.qformat import QuantizedWeight, from_codes  # noqa: E402
 
 GROUP = 32
@@ -46,6 +50,57 @@ def random_weight(rows: int, cols: int, bits: int, rng: np.random.Generator) -> 
     scales = (rng.random((rows, groups)) * 0.02 + 0.001).astype(np.float16)
     zero_points = rng.integers(0, 1 << bits, (rows, groups), dtype=np.uint8)
     return from_codes(codes, scales, zero_points, bits, GROUP, sym=False)
+
+
+BCQ_ROW_GROUP = 128  # shiftadd's default group_size
+BCQ_TERMS = 3  # shiftadd's default apot_terms
+
+
+def random_bcq(rows: int, cols: int, bits: int, layout: str, rng: np.random.Generator) -> BCQWeight:
+    """Random signs and 3-term power-of-two alphas in shiftadd's layouts (column: one alpha per
+    input column and 128 rows; block: per 8 columns and 128 rows)."""
+    col_group = 1 if layout == "column" else 8
+    shape = (rows // BCQ_ROW_GROUP, cols // col_group, bits, BCQ_TERMS)
+    signs = rng.choice([-1, 0, 1], shape)
+    signs[..., 0] = 1
+    return from_signs(rng.random((rows, bits, cols)) > 0.5, encode_terms(signs, rng.integers(-9, -3, shape)),
+                      BCQ_ROW_GROUP, col_group)
+
+
+def tvm_cpu_bcq(weight: BCQWeight, x: np.ndarray, gemv: str) -> tuple[TvmKernel, int]:
+    import tvm
+
+    from qcompile.backends.tvm import _llvm_target, has_feature
+
+    layout = tvm_bcq.cpu_layout(weight)
+    gather = has_feature("avx512f", _llvm_target("cpu"))
+    func = tvm_bcq.qmatmul_cpu(1, layout, gemv, gather)
+    arrays = [x, *layout.arrays()]
+    kernel = TvmKernel(func, arrays, (1, layout.padded_rows), _llvm_target("cpu"), tvm.cpu(0))
+    return kernel, sum(a.nbytes for a in arrays[1:])
+
+
+def tvm_cuda_bcq(weight: BCQWeight, x: np.ndarray) -> tuple[TvmKernel, int]:
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from qcompile.backends.tvm import _cuda_target
+    from qcompile.backends.tvm_schedule import gpu_rules
+
+    device = tvm.cuda(0)
+    major, minor = str(device.compute_version).split(".")
+    target = _cuda_target(f"sm_{major}{minor}")
+    arrays = tvm_bcq.gpu_arrays(weight)
+    tensors = [te.placeholder(x.shape, "float32", "x")]
+    tensors += [te.placeholder(a.shape, str(a.dtype), f"w{i}") for i, a in enumerate(arrays)]
+    out = tvm_bcq.qmatmul_split_te(*tensors, bits=weight.bits, row_group=weight.row_group,
+                                   col_group=weight.col_group, cols=weight.cols)
+    module = tvm.IRModule({"main": te.create_prim_func([*tensors, out])})
+    with target:
+        module = dl.ApplyDefaultSchedule(*gpu_rules())(module)
+    kernel = TvmKernel(module["main"], [x, *arrays], (1, weight.rows), target, device)
+    return kernel, sum(a.nbytes for a in arrays)
 
 
 class OrtKernel:
@@ -129,14 +184,18 @@ def tvm_cuda_kernel(weight: QuantizedWeight, x: np.ndarray) -> tuple[TvmKernel, 
     device = tvm.cuda(0)
     major, minor = str(device.compute_version).split(".")
     target = _cuda_target(f"sm_{major}{minor}")
-    tensors = [te.placeholder(x.shape, "float32", "x"), te.placeholder(weight.packed.shape, "uint8", "w"),
-               te.placeholder(weight.scales.shape, str(weight.scales.dtype), "s"),
-               te.placeholder(weight.zero_points.shape, "uint8", "z")]
-    out = tvm_kernels.qmatmul_te(*tensors, weight.bits, GROUP, weight.cols)
+    if weight.bits == 3:  # the backend's CUDA layout: a 2-bit and a 1-bit plane
+        arrays = [x, *tvm_kernels.split3_planes(weight), weight.scales, weight.zero_points]
+    else:
+        arrays = [x, weight.packed, weight.scales, weight.zero_points]
+    tensors = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
+    if weight.bits == 3:
+        out = tvm_kernels.qmatmul3_te(*tensors, GROUP, weight.cols)
+    else:
+        out = tvm_kernels.qmatmul_te(*tensors, weight.bits, GROUP, weight.cols)
     module = tvm.IRModule({"main": te.create_prim_func([*tensors, out])})
     with target:
         module = dl.ApplyDefaultSchedule(*gpu_rules())(module)
-    arrays = [x, weight.packed, weight.scales, weight.zero_points]
     kernel = TvmKernel(module["main"], arrays, (1, weight.rows), target, device)
     return kernel, sum(a.nbytes for a in arrays[1:])
 
@@ -183,10 +242,14 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
             w = weights[bits]
             nbytes = w.packed.nbytes + w.scales.size * 4 + _packed_zp_bytes(w)
             kernels.append((f"ORT MatMulNBits {bits}-bit", ort_nbits(w, providers), nbytes, w))
+    bcq = {(bits, layout): random_bcq(rows, cols, bits, layout, rng) for bits in (3, 2) for layout in ("column", "block")}
     if device == "cuda":
         for bits in (4, 3, 2):
             kernel, nbytes = tvm_cuda_kernel(weights[bits], x)
             kernels.append((f"qcompile TVM int{bits}", kernel, nbytes, weights[bits]))
+        for (bits, layout), weight in bcq.items():
+            kernel, nbytes = tvm_cuda_bcq(weight, x)
+            kernels.append((f"qcompile TVM bcq{bits} {layout}", kernel, nbytes, weight))
     else:
         from qcompile.backends.tvm import _llvm_target, has_vnni
 
@@ -197,6 +260,10 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
                 kernels.append((f"qcompile TVM int{bits} int8-act", kernel, nbytes, weights[bits]))
             kernel, nbytes = tvm_cpu_kernel(weights[bits], x)
             kernels.append((f"qcompile TVM int{bits} fp32", kernel, nbytes, weights[bits]))
+        for (bits, layout), weight in bcq.items():
+            for gemv in tvm_bcq.GEMV_KERNELS:
+                kernel, nbytes = tvm_cpu_bcq(weight, x, gemv)
+                kernels.append((f"qcompile TVM bcq{bits} {layout} {gemv}", kernel, nbytes, weight))
     for _, kernel, _, weight in kernels:  # correctness before speed
         if weight is not None:
             got = np.asarray(kernel.run(None, {"x": x})[0].numpy() if isinstance(kernel, TvmKernel)
@@ -232,13 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.shapes.split(","):
         cols, rows = (int(v) for v in spec.lower().split("x"))
         table += bench_shape(cols, rows, args.device, args.rounds, rng)
-    header = f"{'shape':<11} {'kernel':<28} {'MB read':>8} {'ms':>8} {'x FP32':>7} {'ideal ms':>9} {'x ideal':>8}"
+    header = f"{'shape':<11} {'kernel':<32} {'MB read':>8} {'ms':>8} {'x FP32':>7} {'ideal ms':>9} {'x ideal':>8}"
     print(f"GEMV 1xK @ KxN, {args.device}, {os.cpu_count()} threads, {platform.machine()}; ideal = bytes read / "
           "FP32's measured bandwidth")
     print(header)
     print("-" * len(header))
     for shape, label, mb, ms, speedup, ideal, distance in table:
-        print(f"{shape:<11} {label:<28} {mb:>8.2f} {ms:>8.3f} {speedup:>7.2f} {ideal:>9.3f} {distance:>8.2f}")
+        print(f"{shape:<11} {label:<32} {mb:>8.2f} {ms:>8.3f} {speedup:>7.2f} {ideal:>9.3f} {distance:>8.2f}")
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -1,12 +1,14 @@
 """The GPU check behind ``benchmarks/gpu_check.sh``: CUDA artifacts built, loaded and run.
 
-1. A small model (the tests' MLP: embedding + three linear layers) at 4 and 3 bits:
+1. A small model (the tests' MLP: embedding + three linear layers) at int 4 and 3 bits and
+   bcq (shiftadd) 3-bit column and 2-bit block layouts:
    compiled with ``--backend tvm --target cuda --arch <this GPU>``, loaded on the GPU,
    compared with the ONNX Runtime (CPU) reference of the same IR, timed.
 2. all-MiniLM-L6-v2, FP32 (no passes) and ``quant(bits=4)``, batch 8 x seq 64: built,
    loaded, cosine of mean-pooled embeddings vs ONNX Runtime FP32 (CPU) on real
    sentences, GPU latency.
-3. The GEMV kernels (``benchmarks/gemv.py --device cuda``).
+3. The GEMV kernels (``benchmarks/gemv.py --device cuda``: int 4/3/2 and bcq 3/2 in both
+   layouts).
 
 Prints one table; exits non-zero when an artifact fails to build, load or match.
 
@@ -56,24 +58,27 @@ def small_model(arch: str, out: Path, rows: list[tuple], build_only: bool = Fals
     from conftest import mlp_feeds, mlp_model
 
     ok = True
-    for bits in (4, 3):
-        progress(f"small model int{bits}: build for {arch}")
+    specs = {"int4": "quant(bits=4,min_size=0)", "int3": "quant(bits=3,min_size=0)",
+             "bcq3 column": "shiftadd(bits=3,min_size=0)", "bcq2 block": "shiftadd(bits=2,layout=block,min_size=0)"}
+    for name, spec in specs.items():
+        slug = name.replace(" ", "_")
+        progress(f"small model {name}: build for {arch}")
         started = time.perf_counter()
-        result = qcompile.compile(mlp_model(), passes=f"quant(bits={bits},min_size=0)", backend="tvm",
-                                  target="cuda", arch=arch, input_shapes={"ids": (2, 4)},
-                                  output=out / f"mlp_int{bits}", dump_dir=out / f"mlp_int{bits}_dump")
+        result = qcompile.compile(mlp_model(), passes=spec, backend="tvm", target="cuda", arch=arch,
+                                  input_shapes={"ids": (2, 4)}, calib={"ids": mlp_feeds(8, seed=7)["ids"]},
+                                  output=out / f"mlp_{slug}", dump_dir=out / f"mlp_{slug}_dump")
         seconds = time.perf_counter() - started
         if build_only:
-            rows.append((f"MLP int{bits} (tvm cuda)", "2x4", f"{seconds:.0f}", "built, not run", "-"))
+            rows.append((f"MLP {name} (tvm cuda)", "2x4", f"{seconds:.0f}", "built, not run", "-"))
             continue
         artifact = qcompile.load(result.path)
         feeds = mlp_feeds(2)
         got = artifact.run(feeds)["y"]
-        ir_model = io.load(sorted((out / f"mlp_int{bits}_dump").glob("0*.onnx"))[-1])
+        ir_model = io.load(sorted((out / f"mlp_{slug}_dump").glob("0*.onnx"))[-1])
         want = make_session(ir_model).run(None, feeds)[0]
         error = float(np.abs(got - want).max() / np.abs(want).max())
         ok &= error < 1e-3
-        rows.append((f"MLP int{bits} (tvm cuda)", "2x4", f"{seconds:.0f}", f"max rel err vs IR {error:.1e}",
+        rows.append((f"MLP {name} (tvm cuda)", "2x4", f"{seconds:.0f}", f"max rel err vs IR {error:.1e}",
                      f"{gpu_ms(artifact, feeds):.3f}"))
     return ok
 

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"\W+", "_", args.passes)
 
     started = time.perf_counter()
-    ort_result = qcompile.compile(fp32, passes=args.passes, calib=calib, output=out / f"ort_{slug}")
+    ort_result = qcompile.compile(fp32, passes=args.passes, calib=calib, backend="ort",
+                                  output=out / f"ort_{slug}")
     ort_seconds = time.perf_counter() - started
     tvm_artifacts, tvm_seconds = {}, {}
     for shape, feed in (("8x64", batch8), ("1x128", long_feed)):

@@ -37,7 +37,7 @@ BACKENDS = ("ort", "tvm", "auto")
 EVAL_SAMPLES = 8
 # Which backend runs each quantized-weight format fast; ``auto`` picks TVM for a model
 # holding any format mapped to "tvm" (when TVM is installed), else ONNX Runtime.
-FORMAT_BACKENDS = {"int": "ort"}
+FORMAT_BACKENDS = {"int": "ort", "bcq": "tvm"}  # bcq: ORT only has its decode-then-MatMul reference
 TARGETS = {"ort": ort_backend.TARGETS, "tvm": tvm_backend.TARGETS}
 
 
@@ -130,7 +130,7 @@ def compile(
     compiled, records = manager.run(canonical, ctx, on_pass=on_pass,
                                     after_pass=dumper.after_pass if dumper is not None else None)
 
-    chosen = choose_backend(backend, target, compiled)
+    chosen = choose_backend(backend, target, compiled, shapes)
     with io.atomic_directory(output) as staging:
         if chosen == "tvm":
             backend_section = tvm_backend.emit(compiled, staging, target=target, arch=arch, input_shapes=shapes,
@@ -163,18 +163,26 @@ def _title(source: Any) -> str:
     return f"qcompile report: {Path(text).name if os.sep in text else text}"
 
 
-def choose_backend(requested: str, target: str, model: Model) -> str:
+def choose_backend(requested: str, target: str, model: Model,
+                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
     """``requested`` unless it is ``auto``: then TVM for targets only TVM has (``arm64``)
     or models holding a format :data:`FORMAT_BACKENDS` maps to TVM (if TVM is installed),
-    else ONNX Runtime."""
+    else ONNX Runtime. With ``input_shapes`` given (what :func:`compile` fixes), a model
+    whose inputs stay dynamic goes to ONNX Runtime: TVM compiles static shapes only."""
     if requested != "auto":
         return requested
     if target not in ort_backend.TARGETS:
         return "tvm"
     formats = sorted({str(node.attrs.get("format", "int")) for node in model.quantized_nodes()})
-    wants_tvm = any(FORMAT_BACKENDS.get(fmt, "ort") == "tvm" for fmt in formats)
+    wants_tvm = [fmt for fmt in formats if FORMAT_BACKENDS.get(fmt, "ort") == "tvm"]
     if wants_tvm and tvm_backend.available() and target in tvm_backend.TARGETS:
-        return "tvm"
+        dynamic = [] if input_shapes is None else [
+            tensor.name for tensor in model.graph.inputs
+            if tensor.name not in input_shapes and not all(isinstance(d, int) for d in (tensor.shape or [None]))]
+        if not dynamic:
+            return "tvm"
+        log.warning("backend auto: %s runs fastest with TVM, but input %s has a dynamic shape (pass "
+                    "--input-shape); using ONNX Runtime", "/".join(wants_tvm), dynamic[0])
     return "ort"
 
 

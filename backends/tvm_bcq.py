@@ -1,0 +1,448 @@
+"""TIR kernels for the ``bcq`` quantized ops (binary planes x power-of-two alphas).
+
+A ``bcq`` weight (:mod:`qcompile.ir.bcq`) is ``W[n, k] = sum_q alpha_q[n // rg, k // cg] *
+s_q[n, k]`` with signs ``s = +-1`` packed 8 to a byte and every alpha a sum of at most
+``terms`` signed powers of two stored as int8 exponent codes. The kernels read exactly
+those bytes (no float copy of the weight exists): an alpha is rebuilt from its codes by
+integer ops on the float's exponent field (``(|v| - 64 + 127) << 23``: a shift, no
+multiplication), and a sign bit selects ``+x`` or ``-x``.
+
+CPU (``qmatmul_cpu``), over :class:`BcqCpuLayout` (planes re-laid out so each SIMD lane
+owns one output row, the alpha codes so that input columns are contiguous; same bytes,
+reordered at compile time):
+
+* **GEMV** (few activation rows), when every vector of rows shares its alphas
+  (``row_group`` a multiple of the lanes): the activations are first *shifted*, per
+  block of rows, ``x'_q[k] = alpha_q[g, k // cg] * x[k]`` (ShiftAddLLM's column-wise
+  order), then ``y = sum_q (2 sum_{s=+1} x'_q - sum x'_q)``: per weight bit one masked add.
+  Two inner loops, measured against each other by ``benchmarks/gemv.py``:
+
+  - ``plain``: the masked adds, straight from the packed bits;
+  - ``lut``: ShiftAddLLM's query-and-add: per block of 8 columns a 256-entry table
+    ``LUT[c] = sum_t (2 c_t - 1) x'_t`` (255 additions), then one table look-up per
+    byte of a plane (8 weights) and lane (:mod:`qcompile.ir.lut`). With AVX-512 the
+    look-up is one ``vgatherdps`` per 16 rows.
+
+* **GEMM** (more activation rows, or alphas that differ inside a vector of rows): one
+  chunk of columns is decoded into a float tile in L1 (``sum_q +-alpha_q``, alphas
+  rebuilt from their codes), reused by every activation row in a register-blocked,
+  vectorized loop; blocks of rows run in parallel.
+
+Generic (``qmatmul_te`` / ``qgather_te`` / ``dequantize_te``): tensor-expression compute
+with the same decode written inline over the format's own arrays, scheduled by dlight's
+GPU rules on CUDA (and used for ``QGather`` / ``QConv`` everywhere).
+
+The format's inputs are read by name through :data:`qcompile.ir.bcq.BCQ` (``planes``,
+``alphas``); an extra per-group input (an offset, say) would enter the decode in
+:func:`_decode_te` and, in the CPU kernels, as a per-group term
+``offset[g, c] * sum_{k in c} x[k]`` added with the ``- sum x'`` correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from qcompile.ir.bcq import EXPONENT_BIAS, BCQWeight
+
+GEMV_MAX_ROWS = 4  # activation rows up to which the GEMV kernels are used
+GEMV_KERNELS = ("plain", "lut")
+DEFAULT_GEMV = "plain"  # the faster of the two on this project's CPUs (benchmarks/gemv.py)
+_FLOAT_EXPONENT = 127 - EXPONENT_BIAS  # code magnitude -> IEEE float32 biased exponent
+
+
+@dataclass(frozen=True)
+class BcqCpuLayout:
+    """A ``bcq`` weight re-laid out for the CPU kernels (numpy arrays).
+
+    ``planes``: uint8 ``[rows / lanes, bits, bytes, lanes]`` (rows padded with zero bytes).
+    ``alphas``: the int8 codes ``[row_groups, bits, terms, col_groups']`` with the column
+    groups padded (code 0 = no term) to cover the padded columns.
+    """
+
+    planes: np.ndarray
+    alphas: np.ndarray
+    lanes: int
+    rows: int
+    cols: int
+    row_group: int
+    col_group: int
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[1])
+
+    @property
+    def terms(self) -> int:
+        return int(self.alphas.shape[2])
+
+    @property
+    def padded_rows(self) -> int:
+        return int(self.planes.shape[0]) * self.lanes
+
+    @property
+    def padded_cols(self) -> int:
+        return int(self.planes.shape[2]) * 8
+
+    @property
+    def aligned(self) -> bool:
+        """Every vector of ``lanes`` rows shares its alphas (a scalar broadcast per column)."""
+        return self.row_group % self.lanes == 0 or self.alphas.shape[0] == 1
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.planes, self.alphas]
+
+
+def cpu_layout(weight: BCQWeight) -> BcqCpuLayout:
+    """Lanes: the widest of 64/32/16 that divides the alpha row group (then alphas are a
+    broadcast), else the widest that divides the rows."""
+    lanes = next((n for n in (64, 32, 16) if weight.row_group % n == 0), 0)
+    if not lanes:
+        lanes = next((n for n in (64, 32, 16, 8) if weight.rows % n == 0), 16)
+    padded = -(-weight.rows // lanes) * lanes
+    planes = np.zeros((padded, weight.bits, weight.planes.shape[2]), np.uint8)
+    planes[: weight.rows] = weight.planes
+    planes = np.ascontiguousarray(planes.reshape(padded // lanes, lanes, weight.bits, -1).transpose(0, 2, 3, 1))
+    padded_cols = weight.planes.shape[2] * 8
+    col_groups = -(-padded_cols // weight.col_group)
+    codes = np.zeros((weight.alphas.shape[0], col_groups, weight.bits, weight.terms), np.int8)
+    codes[:, : weight.alphas.shape[1]] = weight.alphas
+    alphas = np.ascontiguousarray(codes.transpose(0, 2, 3, 1))
+    return BcqCpuLayout(planes, alphas, lanes, weight.rows, weight.cols, weight.row_group, weight.col_group)
+
+
+def _term(code):
+    """``sign(v) * 2 ** (|v| - 64)`` for an int32 code ``v`` (0 = no term), built in the
+    float's exponent field."""
+    magnitude = T.reinterpret("float32", T.shift_left(T.abs(code) + _FLOAT_EXPONENT, 23))
+    return T.Select(code > 0, magnitude, T.Select(code < 0, -magnitude, T.float32(0)))
+
+
+def _chunk(cols: int, widths: tuple[int, ...]) -> int:
+    return next(w for w in widths if cols % w == 0)
+
+
+def qmatmul_cpu(rows_in: int, layout: BcqCpuLayout, gemv: str = DEFAULT_GEMV, gather: bool = False) -> tirx.PrimFunc:
+    """``Y[M, N_pad] = X[M, K_pad] @ decode(W).T`` as a scheduled CPU PrimFunc.
+
+    ``gemv``: which GEMV inner loop (``plain`` or ``lut``) serves few activation rows;
+    ``gather``: the LUT look-ups use AVX-512 ``vgatherdps``."""
+    if gemv not in GEMV_KERNELS:
+        raise ValueError(f"gemv kernel {gemv!r}: expected one of {', '.join(GEMV_KERNELS)}")
+    if rows_in <= GEMV_MAX_ROWS and layout.aligned:
+        return _gemv_lut(rows_in, layout, gather) if gemv == "lut" else _gemv_plain(rows_in, layout)
+    return _gemm(rows_in, layout)
+
+
+def kernel_kind(rows_in: int, layout: BcqCpuLayout, gemv: str = DEFAULT_GEMV) -> str:
+    """What :func:`qmatmul_cpu` builds, in words (for the manifest)."""
+    if rows_in <= GEMV_MAX_ROWS and layout.aligned:
+        return "GEMV lookup-table" if gemv == "lut" else "GEMV"
+    return "GEMM"
+
+
+def _shifter(layout: BcqCpuLayout, KC: int):
+    """A TIR macro: ``xs[q, :] = alpha_q[g, chunk] * x[m, chunk]`` for one chunk of ``KC``
+    columns, the alphas rebuilt from their codes (vectorized over columns when every
+    column has its own; one scalar per 8 columns when ``col_group`` is a multiple of 8)."""
+    TT, cg = layout.terms, layout.col_group
+
+    if cg == 1 or cg % 8 != 0:
+        @T.macro
+        def shift(x, a, xs, alpha, m, c, q, g):
+            for kk in T.vectorized(KC):
+                alpha[kk] = T.float32(0)
+            for t in range(TT):
+                for kk in T.vectorized(KC):
+                    alpha[kk] = alpha[kk] + _term(T.Cast("int32", a[g, q, t, (c * KC + kk) // cg]))
+            for kk in T.vectorized(KC):
+                xs[q, kk] = alpha[kk] * x[m, c * KC + kk]
+    else:
+        @T.macro
+        def shift(x, a, xs, alpha, m, c, q, g):
+            for kb in range(KC // 8):
+                alpha[kb] = T.float32(0)
+                for t in range(TT):
+                    alpha[kb] = alpha[kb] + _term(T.Cast("int32", a[g, q, t, (c * KC + kb * 8) // cg]))
+                for kk in T.vectorized(8):
+                    xs[q, kb * 8 + kk] = alpha[kb] * x[m, c * KC + kb * 8 + kk]
+    return shift
+
+
+def _gemv_plain(M: int, layout: BcqCpuLayout) -> tirx.PrimFunc:
+    L, Q, TT = layout.lanes, layout.bits, layout.terms
+    NB, KB = layout.planes.shape[0], layout.planes.shape[2]
+    RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
+    K = KB * 8
+    KC = _chunk(K, (256, 128, 64, 32, 16, 8))
+    rg = layout.row_group
+    _shift_activations = _shifter(layout, KC)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, KB, L), "uint8"),
+               a: T.Buffer((RG, Q, TT, CG), "int8"), y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for nb in T.parallel(NB):
+            xs = T.alloc_buffer((Q, KC), "float32", scope="local")
+            alpha = T.alloc_buffer((KC,), "float32", scope="local")
+            total = T.alloc_buffer((KC,), "float32", scope="local")
+            sum_all = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            byte = T.alloc_buffer((L,), "int32", scope="local")
+            for m in range(M):
+                for kk in T.vectorized(KC):
+                    total[kk] = T.float32(0)
+                for lane in T.vectorized(L):
+                    acc[lane] = T.float32(0)
+                for c in range(K // KC):
+                    # shift the activations: x'_q = alpha_q * x, doubled for the masked adds
+                    for q in range(Q):
+                        _shift_activations(x, a, xs, alpha, m, c, q, T.min(nb * L // rg, RG - 1))
+                        for kk in T.vectorized(KC):
+                            total[kk] = total[kk] + xs[q, kk]
+                        for kk in T.vectorized(KC):
+                            xs[q, kk] = xs[q, kk] + xs[q, kk]
+                    for q in range(Q):
+                        for kb in range(KC // 8):
+                            for lane in T.vectorized(L):
+                                byte[lane] = T.Cast("int32", w[nb, q, c * (KC // 8) + kb, lane])
+                            for t in T.unroll(8):
+                                for lane in T.vectorized(L):
+                                    acc[lane] = T.Select(T.bitwise_and(byte[lane], T.int32(1 << t)) != 0,
+                                                         acc[lane] + xs[q, kb * 8 + t], acc[lane])
+                sum_all[0] = T.float32(0)
+                for kk in range(KC):
+                    sum_all[0] = sum_all[0] + total[kk]
+                for lane in T.vectorized(L):
+                    y[m, nb * L + lane] = acc[lane] - sum_all[0]
+
+    return kernel
+
+
+def _tasks(layout: BcqCpuLayout) -> int:
+    """Row blocks per LUT task: as many as share one alpha row group, up to 4 (256 rows),
+    so each table serves many rows."""
+    NB, L = layout.planes.shape[0], layout.lanes
+    for blocks in (4, 2, 1):
+        if NB % blocks == 0 and (layout.alphas.shape[0] == 1 or layout.row_group % (blocks * L) == 0):
+            return blocks
+    return 1
+
+
+def _gemv_lut(M: int, layout: BcqCpuLayout, gather: bool) -> tirx.PrimFunc:
+    L, Q, TT = layout.lanes, layout.bits, layout.terms
+    NB, KB = layout.planes.shape[0], layout.planes.shape[2]
+    RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
+    K = KB * 8
+    KC = _chunk(K, (64, 32, 16, 8))
+    KCB = KC // 8
+    BT = _tasks(layout)
+    rg = layout.row_group
+    _shift_activations = _shifter(layout, KC)
+    V = 16  # lanes per gather
+
+    def lookup(tables, q, kb, codes, b, v):
+        index = T.Cast("int32x16", codes.vload([b, v * V], "uint8x16"))
+        if gather:
+            return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.gather.dps.512", T.broadcast(T.float32(0), V),
+                                      T.address_of(tables[q, kb, 0]), index, T.int16(-1), T.int32(4))
+        return tables[q, kb, index]
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, KB, L), "uint8"),
+               a: T.Buffer((RG, Q, TT, CG), "int8"), y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for task in T.parallel(NB // BT):
+            xs = T.alloc_buffer((Q, KC), "float32", scope="local")
+            alpha = T.alloc_buffer((KC,), "float32", scope="local")
+            tables = T.alloc_buffer((Q, KCB, 256), "float32", scope="local")
+            codes = T.alloc_buffer((BT, L), "uint8", scope="local")
+            acc = T.alloc_buffer((BT, L), "float32", scope="local")
+            for m in range(M):
+                for b in range(BT):
+                    for lane in T.vectorized(L):
+                        acc[b, lane] = T.float32(0)
+                for c in range(K // KC):
+                    for q in range(Q):
+                        _shift_activations(x, a, xs, alpha, m, c, q, T.min(task * BT * L // rg, RG - 1))
+                    # the query: LUT[c] = sum_t (2 c_t - 1) x'_t, built by doubling
+                    for q, kb in T.grid(Q, KCB):
+                        tables[q, kb, 0] = -(xs[q, kb * 8] + xs[q, kb * 8 + 1] + xs[q, kb * 8 + 2]
+                                             + xs[q, kb * 8 + 3] + xs[q, kb * 8 + 4] + xs[q, kb * 8 + 5]
+                                             + xs[q, kb * 8 + 6] + xs[q, kb * 8 + 7])
+                        for t in range(4):  # the first 16 entries: short runs, scalar
+                            for j in range(1 << t):
+                                tables[q, kb, (1 << t) + j] = tables[q, kb, j] + (xs[q, kb * 8 + t]
+                                                                                  + xs[q, kb * 8 + t])
+                        for t in range(4, 8):  # then whole vectors of 16
+                            for jo in range((1 << t) // 16):
+                                for ji in T.vectorized(16):
+                                    tables[q, kb, (1 << t) + jo * 16 + ji] = tables[q, kb, jo * 16 + ji] + (
+                                        xs[q, kb * 8 + t] + xs[q, kb * 8 + t])
+                    # the adds: one look-up per plane byte (8 weights) and row
+                    for q, kb in T.grid(Q, KCB):
+                        for b in range(BT):
+                            for lane in T.vectorized(L):
+                                codes[b, lane] = w[task * BT + b, q, c * KCB + kb, lane]
+                        for b in range(BT):
+                            for v in T.unroll(L // V):
+                                acc[b, T.ramp(v * V, 1, V)] = acc[b, T.ramp(v * V, 1, V)] + lookup(
+                                    tables, q, kb, codes, b, v)
+                for b in range(BT):
+                    for lane in T.vectorized(L):
+                        y[m, (task * BT + b) * L + lane] = acc[b, lane]
+
+    return kernel
+
+
+def _row_tile(M: int, L: int) -> int:
+    for rows in (8, 4, 2, 1):
+        if rows * L <= 256 and M % rows == 0:
+            return rows
+    return 1
+
+
+def _gemm(M: int, layout: BcqCpuLayout) -> tirx.PrimFunc:
+    L, Q, TT = layout.lanes, layout.bits, layout.terms
+    NB, KB = layout.planes.shape[0], layout.planes.shape[2]
+    RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
+    K = KB * 8
+    KC = _chunk(K, (64, 32, 16, 8))
+    MR = _row_tile(M, L)
+    rg, cg = layout.row_group, layout.col_group
+    aligned = layout.aligned
+
+    def group(nb, lane):
+        return T.min(nb * L // rg, RG - 1) if aligned else T.min((nb * L + lane) // rg, RG - 1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, KB, L), "uint8"),
+               a: T.Buffer((RG, Q, TT, CG), "int8"), y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for nb in T.parallel(NB):
+            tile = T.alloc_buffer((KC, L), "float32", scope="local")
+            alpha = T.alloc_buffer((L,), "float32", scope="local")
+            acc = T.alloc_buffer((MR, L), "float32", scope="local")
+            for m in range(M):
+                for lane in T.vectorized(L):
+                    y[m, nb * L + lane] = T.float32(0)
+            for c in range(K // KC):
+                for kb in range(KC // 8):
+                    for t in T.unroll(8):
+                        for lane in T.vectorized(L):
+                            tile[kb * 8 + t, lane] = T.float32(0)
+                    for q in range(Q):
+                        for t in T.unroll(8):
+                            for lane in T.vectorized(L):
+                                alpha[lane] = T.float32(0)
+                            for term in range(TT):
+                                for lane in T.vectorized(L):
+                                    alpha[lane] = alpha[lane] + _term(T.Cast("int32", a[
+                                        group(nb, lane), q, term, (c * KC + kb * 8 + t) // cg]))
+                            for lane in T.vectorized(L):
+                                tile[kb * 8 + t, lane] = tile[kb * 8 + t, lane] + T.Select(
+                                    T.bitwise_and(T.Cast("int32", w[nb, q, c * (KC // 8) + kb, lane]),
+                                                  T.int32(1 << t)) != 0, alpha[lane], -alpha[lane])
+                for mb in range(M // MR):
+                    for row in T.unroll(MR):
+                        for lane in T.vectorized(L):
+                            acc[row, lane] = y[mb * MR + row, nb * L + lane]
+                    for kk in range(KC):
+                        for row in T.unroll(MR):
+                            for lane in T.vectorized(L):
+                                acc[row, lane] = acc[row, lane] + x[mb * MR + row, c * KC + kk] * tile[kk, lane]
+                    for row in T.unroll(MR):
+                        for lane in T.vectorized(L):
+                            y[mb * MR + row, nb * L + lane] = acc[row, lane]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------
+# Generic (tensor expression) kernels over the format's own arrays
+# ----------------------------------------------------------------------------------
+
+
+def _term_te(code):
+    magnitude = tirx.reinterpret("float32", (tirx.abs(code) + _FLOAT_EXPONENT) << 23)
+    return tirx.Select(code > 0, magnitude, tirx.Select(code < 0, -magnitude, tirx.const(0, "float32")))
+
+
+def _decode_te(planes, alphas, row, col, row_group: int, col_group: int):
+    """The float value of weight ``[row, col]`` from planes ``[R, Q, B]`` and codes ``[RG, CG, Q, T]``."""
+    bits, terms = int(planes.shape[1]), int(alphas.shape[3])
+    byte = col // 8
+    value = None
+    for q in range(bits):
+        alpha = None
+        for t in range(terms):
+            term = _term_te(alphas[row // row_group, col // col_group, q, t].astype("int32"))
+            alpha = term if alpha is None else alpha + term
+        bit = (planes[row, q, byte].astype("int32") >> (col % 8)) & 1
+        signed = tirx.Select(bit != 0, alpha, -alpha)
+        value = signed if value is None else value + signed
+    return value
+
+
+def qmatmul_te(x, planes, alphas, row_group: int, col_group: int, cols: int):
+    """``Y[M, N] = X[M, cols] @ decode(W).T`` (decode inlined in the reduction)."""
+    rows = planes.shape[0]
+    weight = te.compute((rows, cols), lambda n, k: _decode_te(planes, alphas, n, k, row_group, col_group),
+                        name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((x.shape[0], rows), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k), name="qmatmul")
+
+
+def gpu_arrays(weight: BCQWeight) -> list[np.ndarray]:
+    """The weight for :func:`qmatmul_split_te`: one uint8 ``[rows, bytes]`` array per plane,
+    then one int8 ``[row_groups, col_groups]`` array of alpha codes per (plane, term) (the
+    same bytes, split). dlight's GEMV rule needs every weight read to touch one element:
+    with the planes and terms as axes of one array, a row's decode reads a range of them
+    and the rule gives up (one thread per output row, a serial loop over K)."""
+    planes = [np.ascontiguousarray(weight.planes[:, q]) for q in range(weight.bits)]
+    codes = [np.ascontiguousarray(weight.alphas[:, :, q, t]) for q in range(weight.bits) for t in range(weight.terms)]
+    return planes + codes
+
+
+def qmatmul_split_te(x, *arrays, bits: int, row_group: int, col_group: int, cols: int):
+    """``qmatmul_te`` over :func:`gpu_arrays`: the decode reads one element of each array."""
+    planes, codes = arrays[:bits], arrays[bits:]
+    terms = len(codes) // bits
+
+    def value(n, k):
+        total = None
+        for q in range(bits):
+            alpha = None
+            for t in range(terms):
+                term = _term_te(codes[q * terms + t][n // row_group, k // col_group].astype("int32"))
+                alpha = term if alpha is None else alpha + term
+            bit = (planes[q][n, k // 8].astype("int32") >> (k % 8)) & 1
+            signed = tirx.Select(bit != 0, alpha, -alpha)
+            total = signed if total is None else total + signed
+        return total
+
+    weight = te.compute((planes[0].shape[0], cols), value, name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((x.shape[0], planes[0].shape[0]), lambda m, n: te.sum(x[m, k] * weight[n, k], axis=k),
+                      name="qmatmul")
+
+
+def qgather_te(planes, indices, alphas, row_group: int, col_group: int, cols: int):
+    """``Y[I, cols] = decode(W)[indices]`` for flat int64 ``indices`` (negative ones wrap)."""
+    vocab = planes.shape[0]
+
+    def value(i, d):
+        index = indices[i].astype("int64")
+        row = tirx.Select(index < 0, index + vocab, index)
+        return _decode_te(planes, alphas, row, d, row_group, col_group)
+
+    return te.compute((indices.shape[0], cols), value, name="qgather")
+
+
+def dequantize_te(planes, alphas, row_group: int, col_group: int, cols: int):
+    """The float matrix ``[rows, cols]`` (QConv's filter, decoded once per call)."""
+    return te.compute((planes.shape[0], cols),
+                      lambda n, k: _decode_te(planes, alphas, n, k, row_group, col_group), name="dequantize")
