@@ -81,6 +81,8 @@ class Quant(Pass):
     damp: float = option(0.01, "gptq: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     act_order: bool = option(True, "gptq: quantize columns with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
+    embedding_bits: int = option(0, "bits of embedding tables and of an LM head tied to one (0 = bits): small "
+                                 "LMs lose the most at 3 bits and below there", choices=(0, 2, 3, 4, 5, 6, 7, 8))
     cluster_group_size: int = option(0, "split groups (cluster format): weights per grid along the reduction "
                                      "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
@@ -142,9 +144,11 @@ class Quant(Pass):
         shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
         plan = read_plan(model)
+        tables = {keys[n.name] for n in candidates if n.op == "Gather"}
         for node in candidates:
-            bits = planned_bits(plan, node.name, self.bits, 2, 8, self.name)
             key = keys[node.name]
+            default = self.embedding_bits if self.embedding_bits and key in tables else self.bits
+            bits = planned_bits(plan, node.name, default, 2, 8, self.name)
             layers[node.name] = self._rewrite(model, node, bits, shared, key, grams.get(node.inputs[0].name),
                                               group_grams[key])
             ctx.progress.advance()

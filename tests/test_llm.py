@@ -186,6 +186,15 @@ def test_quantized_ir_keeps_one_copy_of_the_tied_weight(tiny):
     assert gather.inputs[0] is head.inputs[1] and gather.inputs[2:] == head.inputs[2:]
 
 
+def test_embedding_bits_apply_to_the_table_and_its_tied_head(tiny):
+    model = canonicalize(io.load(tiny["prefill"]))
+    _run_passes(model, "quant(bits=3,embedding_bits=4,min_size=0)", _calibration())
+    bits = {n.name: qops.read_weight(n).bits for n in model.quantized_nodes()}
+    gather, head = [n for n in model.quantized_nodes() if n.op == "QGather" or n.outputs[0].name == "logits"]
+    assert bits[gather.name] == bits[head.name] == 4 and gather.inputs[0] is head.inputs[1]
+    assert {b for name, b in bits.items() if name not in (gather.name, head.name)} == {3}
+
+
 class _CharTokenizer:
     """One token per byte (a tokenizer for the tiny vocabulary)."""
 
