@@ -147,7 +147,7 @@ def fit_bcq(values: np.ndarray, bits: int, *, terms: int = 3, rounds: int = 5,
         greedy[..., plane] = residual >= 0
         greedy_alphas[:, plane] = (weights * np.abs(residual)).sum(-1) / total
         residual -= np.where(greedy[..., plane], 1.0, -1.0) * greedy_alphas[:, plane, None]
-    best = _better(_rounded(values, weights, greedy_alphas, terms), _uniform_start(values, weights, bits, terms))
+    best = _best_start(values, weights, [greedy_alphas, *_uniform_alphas(values, weights, bits)], terms)
     signs = best.signs
     for _ in range(rounds):
         candidate = _rounded(values, weights, _least_squares(values, weights, signs), terms)
@@ -162,19 +162,25 @@ def fit_bcq(values: np.ndarray, bits: int, *, terms: int = 3, rounds: int = 5,
 GAUSSIAN_UNIFORM_STEP = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.335}
 
 
-def _uniform_start(values, weights, bits, terms) -> BCQFit:
-    """The best of a few uniform grids: alphas ``step * 2^(bits-2-i)`` give the levels
-    ``step * (k + 1/2)``, ``|k| < 2^(bits-1)`` -- a uniform quantizer is a special BCQ, and a
-    better start than greedy for 3-4 bits (fewer ALS rounds to converge)."""
+def _uniform_alphas(values, weights, bits) -> list[np.ndarray]:
+    """A few uniform grids: alphas ``step * 2^(bits-2-i)`` give the levels ``step * (k + 1/2)``,
+    ``|k| < 2^(bits-1)`` -- a uniform quantizer is a special BCQ, and a better start than
+    greedy for 3-4 bits (fewer ALS rounds to converge)."""
     rms = np.sqrt((weights * np.square(values)).sum(-1) / np.maximum(weights.sum(-1), 1e-300))
     shape = 2.0 ** (bits - 2 - np.arange(bits))
-    best = None
-    for multiplier in (0.75, 1.0, 1.3):
-        step = rms * GAUSSIAN_UNIFORM_STEP[bits] * multiplier
-        candidate = _rounded(values, weights, step[:, None] * shape[None, :], terms)
-        best = candidate if best is None else _better(best, candidate)
-    assert best is not None
-    return best
+    return [(rms * GAUSSIAN_UNIFORM_STEP[bits] * multiplier)[:, None] * shape[None, :]
+            for multiplier in (0.75, 1.0, 1.3)]
+
+
+def _best_start(values, weights, starts: list[np.ndarray], terms: int) -> BCQFit:
+    """Per group, the best of several starting alphas ``[G, bits]`` (each rounded, codes
+    nearest): evaluated in one batched call, since the walk fits few groups at a time and
+    per-call overhead dominates there. Ties go to the earlier start."""
+    count, groups = len(starts), values.shape[0]
+    fit = _rounded(np.tile(values, (count, 1)), np.tile(weights, (count, 1)), np.concatenate(starts), terms)
+    choice = fit.error.reshape(count, groups).argmin(0)
+    pick = choice * groups + np.arange(groups)
+    return BCQFit(fit.signs[pick], fit.alphas[pick], fit.raw[pick], fit.error[pick], terms)
 
 
 def _better(best: BCQFit, candidate: BCQFit) -> BCQFit:

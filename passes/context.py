@@ -45,6 +45,10 @@ class PassContext:
     progress: Progress = field(default_factory=Progress)
     max_capture_bytes: int = 512 * 2**20
     max_capture_rows: int = 4096
+    # Drop the rows of padding tokens (attention_mask == 0) from captured activations: the
+    # model's outputs at those positions are never used, and with short sentences padded
+    # to a fixed length they would make up most of every Hessian X^T X.
+    skip_padding: bool = True
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded by ``seed`` and ``salt`` (e.g. a layer name): order-independent."""
@@ -129,7 +133,9 @@ class PassContext:
                     return
                 for name, value in zip(chunk, values, strict=True):
                     value = np.asarray(value)
-                    collected[name].append(value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1))
+                    rows = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)
+                    keep = token_rows(feed, value) if self.skip_padding else None
+                    collected[name].append(rows if keep is None else rows[keep])
             yield chunk, collected
 
     @property
@@ -151,6 +157,21 @@ class PassContext:
             chunks[-1].append(name)
             used += size
         return [c for c in chunks if c]
+
+
+def token_rows(feed: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray | None:
+    """Which rows of ``value`` (as ``[-1, last_dim]``) are real tokens, or None to keep all.
+
+    Only for the transformer convention: an ``attention_mask`` input ``[batch, seq]`` of the
+    shape of a per-token tensor's leading axes ``[batch, seq, dim]``.
+    """
+    mask = feed.get("attention_mask")
+    if mask is None or value.ndim != 3:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or tuple(value.shape[:2]) != mask.shape:
+        return None
+    return mask.reshape(-1) != 0
 
 
 def _gram(parts: list[np.ndarray]) -> tuple[np.ndarray, int]:

@@ -106,3 +106,25 @@ def test_synthetic_samples_stand_in_only_when_allowed(model):
     assert ctx.capture(model, ["e2"]) == {}
     assert ctx.capture(model, ["e2"], allow_synthetic=True)["e2"].shape == (8, 64)
     assert ctx.uses_synthetic and not PassContext(calib=random_calibration(model, 1)).uses_synthetic
+
+
+def test_padding_tokens_are_left_out_of_statistics():
+    """Rows where ``attention_mask`` is 0 never reach the Hessians (nor captured rows)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["attention_mask"], ["m"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3]),
+         helper.make_tensor_value_info("m", TensorProto.INT64, [1, 4])])
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    x = np.abs(np.random.default_rng(0).standard_normal((2, 1, 4, 3))).astype(np.float32)
+    mask = np.array([[[1, 1, 0, 0]], [[1, 1, 1, 0]]], np.int64)
+    calib = load_calibration({"x": x, "attention_mask": mask}, model)
+    real = np.concatenate([x[0, 0, :2], x[1, 0, :3]]).astype(np.float64)
+    gram, rows = PassContext(calib=calib).gram(model, ["y"])["y"]
+    assert rows == 5
+    np.testing.assert_allclose(gram, real.T @ real, rtol=1e-6)
+    assert PassContext(calib=calib).capture(model, ["y"])["y"].shape == (5, 3)
+    assert PassContext(calib=calib, skip_padding=False).gram(model, ["y"])["y"][1] == 8
