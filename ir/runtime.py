@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from qcompile.errors import ExecutionError, UnsupportedModelError
 
+from . import mapped
 from .model import Model
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -52,11 +53,18 @@ def make_session(
     if extra:
         proto = _with_outputs(proto, extra)
     options = session_options(threads)
-    size = proto.ByteSize()
+    arrays = mapped.mapped_arrays(proto)
+    if arrays:  # ONNX Runtime reads the memory maps in place: nothing is copied
+        names = list(arrays)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
+        options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies every weight
+    size = proto.ByteSize() + sum(a.nbytes for a in arrays.values())
     disabled = ("ConstantFolding",) if size > LARGE_REFERENCE_BYTES and any(
         f.domain == "qcompile" for f in proto.functions) else ()
-    if size < PROTOBUF_LIMIT:
-        return _session(proto.SerializeToString(), options, disabled)
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        session = _session(proto.SerializeToString(), options, disabled)
+        session._qcompile_mapped = arrays  # type: ignore[attr-defined]  # the maps must outlive the session
+        return session
     with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
