@@ -76,6 +76,7 @@ class _Writer:
 def write_transformer(path: str | Path, shape: Shape, *, seed: int = 0) -> Path:
     """Write the model to ``path`` (+ ``path.data``); returns ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(path.with_name(f"{path.name}.data"), seed)
     nodes: list[onnx.NodeProto] = []
     h, f = shape.hidden, shape.ffn
