@@ -162,3 +162,20 @@ def test_jobs_flag(tmp_path, mlp_path, capsys):
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert main([str(mlp_path), "--jobs", "-1", "-o", str(tmp_path / "bad"), "-q"]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+@pytest.mark.heavy
+def test_minilm_compiles_to_byte_identical_artifacts_serial_or_parallel(tmp_path):
+    """MiniLM through split,fold,quant(bits=4,method=gptq) twice (one process, then two): the same
+    bytes (manifest timings aside), and the input file untouched."""
+    from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize
+    from qcompile.frontends.text import english_sentences
+
+    model = cached_minilm_onnx()  # the shared export cache: exporting again would double the test's time
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
+    np.savez(tmp_path / "calib.npz", **tokenize(minilm_path(), english_sentences(16, "calib"), max_length=32))
+    spec = "split,fold,quant(bits=4,method=gptq)"
+    first = qcompile.compile(model, passes=spec, calib=tmp_path / "calib.npz", output=tmp_path / "a")
+    second = qcompile.compile(model, passes=spec, calib=tmp_path / "calib.npz", output=tmp_path / "b", jobs=2)
+    assert _digest(first.path) == _digest(second.path)
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
