@@ -145,3 +145,15 @@ def mapped_arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         if info is not None:
             arrays[tensor.name] = info.load()
     return arrays
+
+
+def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (modified) with its mapped initializers read into memory: for consumers that need
+    the whole model as one message (the TVM importer)."""
+    for tensor in proto.graph.initializer:
+        info = mapped_info(tensor)
+        if info is not None:
+            tensor.raw_data = info.load().tobytes()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    return proto
