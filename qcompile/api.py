@@ -86,6 +86,7 @@ def compile(
     arch: str | None = None,
     jobs: int = 1,
     executor: Executor | None = None,
+    max_reference_bytes: int | None = 1 << 30,
 ) -> CompileResult:
     """Compile ``model`` through ``passes`` and emit an artifact folder.
 
@@ -106,6 +107,9 @@ def compile(
     0 = every core; the artifact is byte-identical for any value. ``executor``: run that
     work elsewhere instead (any :class:`qcompile.passes.executor.Executor`, e.g. a
     ``RayExecutor``); the caller keeps it (it is not closed here).
+    ``max_reference_bytes``: per-pass output errors are measured on the IR's reference
+    functions, which decode every quantized weight to float at once; past this many decoded
+    bytes they are skipped (the artifact's own error is still measured; None = no limit).
     """
     if jobs < 0:
         raise UsageError(f"--jobs {jobs}: expected 0 (every core) or more")
@@ -134,7 +138,8 @@ def compile(
     ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress(),
                       synthetic_calib=None if calibration is not None else random_calibration(canonical, 8, seed=seed),
                       executor=executor or owned or make_executor(1))
-    manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples)
+    manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples,
+                          max_reference_bytes=max_reference_bytes)
     dumper = Dumper(dump_dir) if dump_dir is not None else None
     if dumper is not None:
         dumper.input(canonical)
@@ -231,10 +236,13 @@ def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: C
     if manager.reference_outputs is None:
         return {"not_measured": manager.unmeasured or "no evaluation samples"}
     emitted = run_batches(session, samples.batches(1))
-    return {
+    errors = {
         "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),
         "artifact_vs_ir": compare_outputs(manager.final_outputs or {}, emitted),
     }
+    if manager.ir_unmeasured:
+        errors["note"] = manager.ir_unmeasured
+    return errors
 
 
 def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model,
