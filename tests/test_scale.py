@@ -122,7 +122,7 @@ def test_peak_memory_grows_far_slower_than_the_weights(tmp_path):
     small_bytes, small = _peak(tmp_path, 100)
     large_bytes, large = _peak(tmp_path, 200)
     growth = large["peak_anon"] - small["peak_anon"]
-    assert growth < 0.8 * (large_bytes - small_bytes), (small, large)
+    assert growth < 0.5 * (large_bytes - small_bytes), (small, large)  # measured: ~0 (fixed overheads dominate)
 
 
 # -- executors -----------------------------------------------------------------------------
