@@ -33,7 +33,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from qcompile.errors import UnsupportedModelError
-from qcompile.ir import qops
+from qcompile.ir import mapped, qops
 from qcompile.ir.canonicalize import _set_input_shapes, infer_shapes
 from qcompile.ir.model import Model
 
@@ -324,7 +324,7 @@ def _dtype(expr: relax.Expr) -> str:
 def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) -> onnx.ModelProto:
     """``model`` with its inputs fixed to ``input_shapes`` (others as they are), shapes
     inferred and the shape computations folded: what the Relax importer needs."""
-    proto = model.to_proto()
+    proto = mapped.materialize(model.to_proto())  # TVM's importer reads every weight
     if not input_shapes and all(d.HasField("dim_value") for v in proto.graph.input
                                 for d in v.type.tensor_type.shape.dim):
         return proto

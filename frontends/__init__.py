@@ -50,7 +50,7 @@ def _from_torch(module: Any, example_inputs: Any) -> Model:
     names = [f"input_{i}" for i in range(len(inputs))]
     with tempfile.TemporaryDirectory(prefix="qcompile-torch-") as folder:
         path = export_module(module, inputs, Path(folder) / "model.onnx", input_names=names, output_names=["output"])
-        return io.load(path)
+        return io.load(path, map_weights=False)  # the folder goes away: read the weights now
 
 
 def _from_hf(folder: Path, cache_dir: Path | None) -> Model:
@@ -62,4 +62,4 @@ def _from_hf(folder: Path, cache_dir: Path | None) -> Model:
 
     with tempfile.TemporaryDirectory(prefix="qcompile-hf-", dir=cache_dir) as tmp:
         path = export_hf_encoder(folder, Path(tmp) / "model.onnx")
-        return io.load(path)
+        return io.load(path, map_weights=False)  # the folder goes away: read the weights now

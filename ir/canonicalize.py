@@ -15,6 +15,7 @@ from onnx import version_converter
 
 from qcompile.errors import UnsupportedModelError, UsageError
 
+from . import mapped
 from .model import Model
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def canonicalize(model: Model, input_shapes: dict[str, tuple[int, ...]] | None =
         _set_input_shapes(proto, input_shapes)
     proto = infer_shapes(proto)
     graph = gs.import_onnx(proto)
+    mapped.map_external(graph)
     graph.cleanup(remove_unused_graph_inputs=False)
     if not any(node.domain == "qcompile" for node in graph.nodes):
         graph.fold_constants(error_ok=True)

@@ -5,6 +5,9 @@
   symbolic links that leave the folder are refused before anything is read.
 * Outputs are written atomically: :func:`atomic_directory` builds a folder under a
   temporary name and renames it into place only when everything succeeded.
+* Models larger than memory: external data of the main graph's initializers is not read
+  but memory-mapped (:mod:`qcompile.ir.mapped`), and :func:`save` streams weights into the
+  output's data file one tensor at a time, so neither loading nor saving holds the model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from onnx import external_data_helper
 
 from qcompile.errors import ModelLoadError
 
+from . import mapped
 from .model import Model
 
 log = logging.getLogger(__name__)
@@ -31,13 +35,21 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # save weights beside the model above this size
 
 
-def load(path: str | os.PathLike) -> Model:
-    """Load an ONNX file (external data included) into a :class:`Model`."""
-    return Model.from_proto(load_proto(path), source=Path(path))
+def load(path: str | os.PathLike, *, map_weights: bool = True) -> Model:
+    """Load an ONNX file (external data included) into a :class:`Model`.
+
+    ``map_weights``: leave the main graph's external-data initializers on disk, memory-mapped
+    (the file must then outlive the model: callers loading from a temporary folder say False).
+    """
+    return Model.from_proto(load_proto(path, map_weights=map_weights), source=Path(path))
 
 
-def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check an ONNX file; every failure is a one-line :class:`ModelLoadError`."""
+def load_proto(path: str | os.PathLike, *, map_weights: bool = False) -> onnx.ModelProto:
+    """Read and check an ONNX file; every failure is a one-line :class:`ModelLoadError`.
+
+    With ``map_weights``, mappable external-data initializers of the main graph are not read:
+    they keep their reference, completed by the absolute file (:data:`mapped.PATH_KEY`).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -51,7 +63,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
     if not proto.HasField("graph") or not proto.graph.node:
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph, or an empty one; truncated?)")
-    _load_external_data(proto, path)
+    _load_external_data(proto, path, map_weights)
     _check(proto, path)
     return proto
 
@@ -61,36 +73,65 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(proto: onnx.ModelProto, path: Path, map_weights: bool) -> None:
     base = path.resolve().parent
+    if map_weights:  # main-graph initializers first: these are mapped, not read
+        for tensor in proto.graph.initializer:
+            if external_data_helper.uses_external_data(tensor) and mapped.mappable(tensor):
+                info, target = _external_target(tensor, path, base)
+                _check_extent(tensor, info, target, path)
+                entry = tensor.external_data.add()
+                entry.key, entry.value = mapped.PATH_KEY, str(target)
     for tensor in external_data_helper._get_all_tensors(proto):
-        if not external_data_helper.uses_external_data(tensor):
+        if not external_data_helper.uses_external_data(tensor) or mapped.mapped_info(tensor) is not None:
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = Path(info.location)
-        if location.is_absolute() or ".." in location.parts:
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name!r} points outside the model folder ({info.location})"
-            )
-        target = (base / location).resolve()
-        if base not in target.parents:
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name!r} external data escapes the model folder through a link"
-            )
-        if not target.is_file():
-            raise ModelLoadError(f"{path}: external data file {info.location} is missing")
-        end = (info.offset or 0) + (info.length or 0)
-        if end > target.stat().st_size:
-            raise ModelLoadError(f"{path}: external data file {info.location} is truncated")
-    try:
-        external_data_helper.load_external_data_for_model(proto, str(base))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+        _external_target(tensor, path, base)
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+
+
+def _external_target(tensor: onnx.TensorProto, path: Path, base: Path):
+    """The checked file behind a tensor's external data: inside the model folder, long enough."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = Path(info.location)
+    if location.is_absolute() or ".." in location.parts:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name!r} points outside the model folder ({info.location})"
+        )
+    target = (base / location).resolve()
+    if base not in target.parents:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name!r} external data escapes the model folder through a link"
+        )
+    if not target.is_file():
+        raise ModelLoadError(f"{path}: external data file {info.location} is missing")
+    end = (info.offset or 0) + (info.length or 0)
+    if end > target.stat().st_size:
+        raise ModelLoadError(f"{path}: external data file {info.location} is truncated")
+    return info, target
+
+
+def _check_extent(tensor: onnx.TensorProto, info, target: Path, path: Path) -> None:
+    """A mapped tensor's bytes must be exactly its shape's, and inside the file."""
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    size = itemsize
+    for dim in tensor.dims:
+        size *= dim
+    if info.length is not None and info.length != size:
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has {info.length} bytes of external data, "
+                             f"its shape needs {size}")
+    if (info.offset or 0) + size > target.stat().st_size:
+        raise ModelLoadError(f"{path}: external data file {info.location} is truncated")
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> None:
+    external = any(mapped.mapped_info(t) is not None for t in proto.graph.initializer)
     try:
-        if proto.ByteSize() < PROTOBUF_LIMIT:
+        if proto.ByteSize() < PROTOBUF_LIMIT and not external:
             onnx.checker.check_model(proto)
         else:
             onnx.checker.check_model(str(path))
@@ -99,21 +140,60 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write a model; weights go to ``<name>.data`` beside it when it would exceed 2 GB."""
+    """Write a model; weights go to ``<name>.data`` beside it when it would exceed 2 GB, or when
+    it holds memory-mapped weights (those are streamed from their file, never read whole)."""
     path = Path(path)
     proto = model.to_proto() if isinstance(model, Model) else model
-    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=f"{path.name}.data",
-            size_threshold=1024,
-        )
+    has_mapped = any(mapped.mapped_info(t) is not None for t in proto.graph.initializer)
+    if has_mapped or proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        _save_streamed(proto, path)
     else:
         onnx.save_model(proto, str(path))
     return path
+
+
+def _save_streamed(proto: onnx.ModelProto, path: Path, min_bytes: int = 1024) -> None:
+    """Save with every initializer of ``min_bytes`` or more in ``<name>.data``, one at a time.
+
+    Mapped tensors are copied from their file in blocks; in-memory ones are written and
+    dropped from ``proto`` (which is the caller's: it is modified). Offsets are 4 KiB
+    aligned, so ONNX Runtime can map them.
+    """
+    location = f"{path.name}.data"
+    with open(path.parent / location, "wb") as data:
+        for tensor in proto.graph.initializer:
+            info = mapped.mapped_info(tensor)
+            if info is None and len(tensor.raw_data) < min_bytes:
+                continue
+            if info is None and not tensor.HasField("raw_data"):
+                continue  # typed fields (small, unusual): left inline
+            offset = -(-data.tell() // 4096) * 4096
+            data.seek(offset)
+            if info is not None:
+                length = _copy_range(info.path, info.offset, info.nbytes, data)
+            else:
+                length = len(tensor.raw_data)
+                data.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+
+
+def _copy_range(source: Path, offset: int, length: int, target, block: int = 64 << 20) -> int:
+    with open(source, "rb") as handle:
+        handle.seek(offset)
+        left = length
+        while left:
+            chunk = handle.read(min(block, left))
+            if not chunk:
+                raise ModelLoadError(f"{source}: external data ends early")
+            target.write(chunk)
+            left -= len(chunk)
+    return length
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import qops
+from . import mapped, qops
 
 PROVENANCE_KEY = "qcompile.pass"
 MIN_IR_VERSION = 10  # node metadata_props (provenance) need IR version 10
@@ -55,6 +55,7 @@ class Model:
             if prop.key == PROVENANCE_KEY
         }
         graph = gs.import_onnx(proto)
+        mapped.map_external(graph)  # weights exported as references to their file stay there
         metadata = {prop.key: prop.value for prop in proto.metadata_props}
         return cls(graph, metadata=metadata, provenance=provenance, source=source)
 

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from qcompile.errors import ExecutionError, UnsupportedModelError
 
+from . import mapped
 from .model import Model
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -52,15 +53,53 @@ def make_session(
     if extra:
         proto = _with_outputs(proto, extra)
     options = session_options(threads)
+    if not isinstance(model, Model) and not extra and any(mapped.mapped_info(t) for t in proto.graph.initializer):
+        proto = _with_outputs(proto, [])  # a copy: the caller's proto is not edited
+    mapped_size, keep_alive = _map_into_session(proto, options)
     size = proto.ByteSize()
-    disabled = ("ConstantFolding",) if size > LARGE_REFERENCE_BYTES and any(
+    # decoded float weights are several times their packed bytes (8x at 4 bits)
+    disabled = ("ConstantFolding",) if 8 * size + mapped_size > LARGE_REFERENCE_BYTES and any(
         f.domain == "qcompile" for f in proto.functions) else ()
     if size < PROTOBUF_LIMIT:
-        return _session(proto.SerializeToString(), options, disabled)
+        session = _session(proto.SerializeToString(), options, disabled)
+        session._qcompile_arrays = keep_alive  # type: ignore[attr-defined]  # in case ONNX Runtime reads them later
+        return session
     with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
         return _session(str(path), options, disabled)
+
+
+def _map_into_session(proto: onnx.ModelProto, options: ort.SessionOptions) -> tuple[int, list[np.ndarray]]:
+    """Let ONNX Runtime map the weights that stay on disk (:mod:`.mapped`) itself; returns their
+    bytes and the arrays the session reads (to be kept alive with it).
+
+    When they all live in one folder, their references are made relative to it and ONNX Runtime
+    memory-maps the files (no copy: pages are read as the kernels touch them; prepacking, which
+    would copy every weight, is off). Otherwise they are handed over as external initializers,
+    which ONNX Runtime copies.
+    """
+    infos = {t.name: info for t in proto.graph.initializer if (info := mapped.mapped_info(t)) is not None}
+    if not infos:
+        return 0, []
+    arrays: list[np.ndarray] = []
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    folders = {info.path.parent for info in infos.values()}
+    if len(folders) == 1:
+        folder = folders.pop()
+        for tensor in proto.graph.initializer:
+            if tensor.name in infos:
+                entries = [(e.key, e.value) for e in tensor.external_data if e.key != mapped.PATH_KEY]
+                del tensor.external_data[:]
+                for key, value in entries:
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, infos[tensor.name].path.name if key == "location" else value
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    else:
+        names = list(infos)
+        arrays = [infos[name].load() for name in names]
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    return sum(info.nbytes for info in infos.values()), arrays
 
 
 def _session(model: str | bytes, options: ort.SessionOptions, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import VerificationError
 
-from . import qops
+from . import mapped, qops
 from .model import Model
 
 
@@ -24,12 +24,27 @@ def verify(model: Model) -> None:
     _check_names_and_dataflow(graph)
     for node in model.quantized_nodes():
         _check_quantized(node)
-    proto = model.to_proto()
+    proto = without_mapped_data(model.to_proto())
     if proto.ByteSize() < 2**31 - 1:
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
             raise VerificationError(f"ONNX checker: {str(exc).splitlines()[0]}") from None
+
+
+def without_mapped_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (modified) with its memory-mapped initializers turned into typed graph inputs:
+    the checker then checks the graph without reading (or resolving) the weights' file."""
+    kept = [t for t in proto.graph.initializer if mapped.mapped_info(t) is None]
+    if len(kept) == len(proto.graph.initializer):
+        return proto
+    declared = {value.name for value in proto.graph.input}
+    for tensor in proto.graph.initializer:
+        if mapped.mapped_info(tensor) is not None and tensor.name not in declared:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return proto
 
 
 def _check_names_and_dataflow(graph: gs.Graph) -> None:

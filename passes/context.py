@@ -1,7 +1,8 @@
 """The pass context: what passes may use besides the model.
 
-Calibration data, the target, an explicit seed, a progress reporter, and activation
-capture with ONNX Runtime (bounded in memory, cached per model state). No global
+Calibration data, the target, an explicit seed, a progress reporter, the executor that
+runs per-layer work (:mod:`.executor`), and activation capture with ONNX Runtime
+(bounded in memory, cached per model state). No global
 state: everything a pass reads comes through here.
 """
 
@@ -20,6 +21,7 @@ from qcompile.ir import runtime
 from qcompile.ir.model import Model
 
 from .calibration import CalibrationSet
+from .executor import Executor, SerialExecutor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class PassContext:
     target: str = "cpu"
     seed: int = 0
     progress: Progress = field(default_factory=Progress)
+    executor: Executor = field(default_factory=SerialExecutor)  # per-layer work (see .executor)
     max_capture_bytes: int = 512 * 2**20
     max_capture_rows: int = 4096
     # Drop the rows of padding tokens (attention_mask == 0) from captured activations: the

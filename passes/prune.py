@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, NamedTuple, cast
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -209,15 +210,21 @@ class Prune(Pass):
         stages = _stages(model, nodes) if self._sequential(ctx) else [nodes]
         for stage in stages:
             grams = self._grams(model, stage, ctx)
+            keys = {node.name: (node.inputs[1 if node.op != "Gather" else 0].name,
+                                f"{node.op}{node.attrs.get('transB', '')}") for node in stage}
+            todo: dict[tuple[str, str], gs.Node] = {}  # a weight read by several layers of one kind is pruned once
+            for node in stage:
+                if keys[node.name] not in done:
+                    todo.setdefault(keys[node.name], node)
+            matrices = {key: _rows(node) for key, node in todo.items()}
+            pruned_matrices = ctx.executor.map(partial(_prune_item, self), (
+                (node.op, matrices[key], plan[node.name], grams[node.name]) for key, node in todo.items()))
+            done.update({key: (matrices[key], result) for key, result in zip(todo, pruned_matrices, strict=True)})
             means = (ctx.means(model, [n.inputs[0].name for n in stage if n.op in ("MatMul", "Gemm")])
                      if self.bias_correction and ctx.calib is not None else {})
             for node in stage:
                 target = plan[node.name]
-                key = (node.inputs[1 if node.op != "Gather" else 0].name, f"{node.op}{node.attrs.get('transB', '')}")
-                if key not in done:  # a weight read by several layers of one kind is pruned once
-                    matrix = _rows(node)
-                    done[key] = (matrix, self._prune(node, matrix, target, grams[node.name]))
-                matrix, pruned = done[key]
+                matrix, pruned = done[keys[node.name]]
                 changed |= _write_back(node, pruned, pruned_names)
                 layers[node.name] = self._layer_stats(node, matrix, pruned, target, grams[node.name])
                 if node.inputs[0].name in means:
@@ -280,6 +287,18 @@ class Prune(Pass):
         if gram is not None:
             stats.update(output_error(matrix.astype(np.float64), pruned.astype(np.float64), gram))
         return stats
+
+
+class _LayerKind(NamedTuple):
+    """What :meth:`Prune._prune` reads of a layer (its op type): a picklable stand-in for the node."""
+
+    op: str
+
+
+def _prune_item(prune: Prune, item: tuple[str, np.ndarray, dict, np.ndarray | None]) -> np.ndarray:
+    """One work item of :meth:`Prune.apply` (module level: executors pickle it)."""
+    op, matrix, target, gram = item
+    return prune._prune(cast(gs.Node, _LayerKind(op)), matrix, target, gram)
 
 
 def _stages(model: Model, nodes: list[gs.Node]) -> list[list[gs.Node]]:

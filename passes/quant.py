@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
@@ -141,14 +142,15 @@ class Quant(Pass):
                                   if m.op in ("MatMul", "Gemm") and m.inputs[0].name in grams), None)
                        for key, members in sharing.items()}
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
-        shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}
-        layers = {}
         plan = read_plan(model)
         tables = {keys[n.name] for n in candidates if n.op == "Gather"}
+        bits_of = {n.name: planned_bits(plan, n.name, self.embedding_bits if self.embedding_bits and keys[n.name] in tables
+                                        else self.bits, 2, 8, self.name) for n in candidates}
+        shared = self._quantize_all(candidates, bits_of, keys, grams, group_grams, ctx)
+        layers = {}
         for node in candidates:
             key = keys[node.name]
-            default = self.embedding_bits if self.embedding_bits and key in tables else self.bits
-            bits = planned_bits(plan, node.name, default, 2, 8, self.name)
+            bits = bits_of[node.name]
             layers[node.name] = self._rewrite(model, node, bits, shared, key, grams.get(node.inputs[0].name),
                                               group_grams[key])
             ctx.progress.advance()
@@ -209,6 +211,34 @@ class Quant(Pass):
 
     # -- rewriting ---------------------------------------------------------------------
 
+    def _quantize_all(self, candidates: list[gs.Node], bits_of: dict[str, int], keys: dict, grams: dict, group_grams: dict,
+                      ctx: PassContext) -> dict[tuple, tuple[Weight, list[gs.Constant]]]:
+        """Every distinct (weight, bits) quantized through ``ctx.executor``, as ``_rewrite`` would one by one.
+
+        The float matrices are read lazily, one per work item, so a serial run holds one layer's
+        float weight at a time (weights memory-mapped from disk are never read whole).
+        """
+        first: dict[tuple, tuple[gs.Node, int]] = {}
+        for node in candidates:
+            bits = bits_of[node.name]
+            first.setdefault((keys[node.name], bits), (node, bits))
+
+        prefixes: dict[tuple, str] = {}
+
+        def items():
+            for (key, bits), (node, _) in first.items():
+                matrix, _, prefixes[(key, bits)] = layer_matrix(node)
+                rows = group_grams[key] if group_grams[key] is not None else grams.get(node.inputs[0].name)
+                yield matrix, rows[0] if rows is not None and rows[0].shape[0] == matrix.shape[1] else None, bits
+
+        results = ctx.executor.map(partial(_quantize_item, self), items())
+        shared = {}
+        for (key, bits), quantized in zip(first, results, strict=True):
+            prefix = prefixes[(key, bits)]
+            name = prefix if bits == self.bits else f"{prefix}.b{bits}"
+            shared[(key, bits)] = (quantized, qops.weight_constants(name, quantized))
+        return shared
+
     def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None, bits: int) -> Weight:
         if self.sparse_min < 1 and zero_fraction(matrix) >= self.sparse_min:
             return quantize_sparse(matrix, bits=bits, group_size=self.effective_group_size, sym=self.symmetric,
@@ -260,6 +290,12 @@ class Quant(Pass):
         template.name = group.name
         rewrite(model, template, quantized, constants, self.name)
         return {**layer_stats(template.op, matrix, quantized, gram), "split": group.k}
+
+
+def _quantize_item(quant: Quant, item: tuple[np.ndarray, np.ndarray | None, int]) -> Weight:
+    """One work item of :meth:`Quant._quantize_all` (module level: executors pickle it)."""
+    matrix, gram, bits = item
+    return quant._quantize(matrix, gram, bits)
 
 
 def content_key(matrix: np.ndarray) -> str:

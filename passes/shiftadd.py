@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
@@ -73,7 +74,7 @@ class ShiftAdd(Pass):
         candidates, skipped = self._select(model)
         grams = ctx.gram(model, [n.inputs[0].name for n in candidates if n.op in ("MatMul", "Gemm")])
         ctx.progress.start(f"{self.name}: layers", len(candidates))
-        shared: dict[tuple, tuple[BCQWeight, list[gs.Constant]]] = {}
+        shared = self._fit_all(candidates, plan, grams, ctx)
         layers = {}
         for node in candidates:
             bits = planned_bits(plan, node.name, self.bits, 1, 4, self.name)
@@ -100,9 +101,28 @@ class ShiftAdd(Pass):
 
     # -- rewriting -----------------------------------------------------------------------
 
-    def fit(self, node: gs.Node, matrix: np.ndarray, bits: int, gram: np.ndarray | None) -> BCQWeight:
-        """The ``bcq`` weight of one layer's matrix ``[rows, cols]``."""
-        if node.op in ("MatMul", "Gemm"):
+    def _fit_all(self, candidates: list[gs.Node], plan, grams: dict, ctx: PassContext
+                 ) -> dict[tuple, tuple[BCQWeight, list[gs.Constant]]]:
+        """Every distinct (weight, bits) fitted through ``ctx.executor`` (float weights read one per item)."""
+        first: dict[tuple, gs.Node] = {}
+        for node in candidates:
+            first.setdefault((layer_matrix(node)[1], planned_bits(plan, node.name, self.bits, 1, 4, self.name)), node)
+        prefixes: dict[tuple, str] = {}
+
+        def items():
+            for (key, bits), node in first.items():
+                matrix, _, prefixes[(key, bits)] = layer_matrix(node)
+                rows = grams.get(node.inputs[0].name)
+                yield node.op, matrix, bits, rows[0] if rows is not None and rows[0].shape[0] == matrix.shape[1] else None
+
+        fitted = ctx.executor.map(partial(_fit_item, self), items())
+        return {(key, bits): (weight, qops.weight_constants(
+                    prefixes[(key, bits)] if bits == self.bits else f"{prefixes[(key, bits)]}.b{bits}", weight))
+                for (key, bits), weight in zip(first, fitted, strict=True)}
+
+    def fit(self, node: gs.Node | str, matrix: np.ndarray, bits: int, gram: np.ndarray | None) -> BCQWeight:
+        """The ``bcq`` weight of one layer's matrix ``[rows, cols]`` (``node``: the layer or its op type)."""
+        if (node if isinstance(node, str) else node.op) in ("MatMul", "Gemm"):
             hessian = gram if gram is not None else np.eye(matrix.shape[1])
             return bcq_gptq(matrix, hessian, bits, terms=self.apot_terms, layout=self.layout,
                             group_size=self.group_size, rounds=self.rounds, damp=self.damp,
@@ -121,3 +141,9 @@ class ShiftAdd(Pass):
         stats = layer_stats(node.op, matrix, fitted, gram)
         stats.update(layout=self.layout if node.op in ("MatMul", "Gemm") else "row", apot_terms=self.apot_terms)
         return stats
+
+
+def _fit_item(shiftadd: ShiftAdd, item: tuple[str, np.ndarray, int, np.ndarray | None]) -> BCQWeight:
+    """One work item of :meth:`ShiftAdd._fit_all` (module level: executors pickle it)."""
+    op, matrix, bits, gram = item
+    return shiftadd.fit(op, matrix, bits, gram)

@@ -24,6 +24,7 @@ from qcompile.ir.runtime import compare_outputs, run_batches
 from qcompile.passes.base import Pass
 from qcompile.passes.calibration import CalibrationSet, load_calibration, random_calibration
 from qcompile.passes.context import PassContext, Progress
+from qcompile.passes.executor import Executor, make_executor
 from qcompile.passes.manager import PassManager, PassRecord
 from qcompile.passes.registry import parse_pipeline
 
@@ -83,6 +84,9 @@ def compile(
     dump_dir: str | Path | None = None,
     report: str | Path | None = None,
     arch: str | None = None,
+    jobs: int = 1,
+    executor: Executor | None = None,
+    max_reference_bytes: int | None = 1 << 30,
 ) -> CompileResult:
     """Compile ``model`` through ``passes`` and emit an artifact folder.
 
@@ -99,7 +103,16 @@ def compile(
     compute capabilities for ``backend="tvm", target="cuda"`` (default ``sm_80,sm_90``).
     The TVM backend compiles for static input shapes: ``input_shapes`` fixes them there
     (the IR and the passes keep the model's dynamic dimensions).
+    ``jobs``: processes for per-layer work (quant, shiftadd, prune): 1 = this process,
+    0 = every core; the artifact is byte-identical for any value. ``executor``: run that
+    work elsewhere instead (any :class:`qcompile.passes.executor.Executor`, e.g. a
+    ``RayExecutor``); the caller keeps it (it is not closed here).
+    ``max_reference_bytes``: per-pass output errors are measured on the IR's reference
+    functions, which decode every quantized weight to float at once; past this many decoded
+    bytes they are skipped (the artifact's own error is still measured; None = no limit).
     """
+    if jobs < 0:
+        raise UsageError(f"--jobs {jobs}: expected 0 (every core) or more")
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     allowed = sorted({t for targets in TARGETS.values() for t in targets}) if backend == "auto" else TARGETS[backend]
@@ -121,14 +134,21 @@ def compile(
     calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None
     eval_samples = (calibration.head(EVAL_SAMPLES) if calibration is not None
                     else random_calibration(canonical, 4, seed=seed))
+    owned = make_executor(jobs) if executor is None else None
     ctx = PassContext(calib=calibration, target=target, seed=seed, progress=progress or Progress(),
-                      synthetic_calib=None if calibration is not None else random_calibration(canonical, 8, seed=seed))
-    manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples)
+                      synthetic_calib=None if calibration is not None else random_calibration(canonical, 8, seed=seed),
+                      executor=executor or owned or make_executor(1))
+    manager = PassManager(pipeline, verify_exact=verify, eval_samples=eval_samples,
+                          max_reference_bytes=max_reference_bytes)
     dumper = Dumper(dump_dir) if dump_dir is not None else None
     if dumper is not None:
         dumper.input(canonical)
-    compiled, records = manager.run(canonical, ctx, on_pass=on_pass,
-                                    after_pass=dumper.after_pass if dumper is not None else None)
+    try:
+        compiled, records = manager.run(canonical, ctx, on_pass=on_pass,
+                                        after_pass=dumper.after_pass if dumper is not None else None)
+    finally:
+        if owned is not None:
+            owned.close()
 
     chosen = choose_backend(backend, target, compiled, shapes)
     with io.atomic_directory(output) as staging:
@@ -224,10 +244,13 @@ def _backend_error(manager: PassManager, folder: Path, backend: dict, samples: C
     if manager.reference_outputs is None:
         return {"not_measured": manager.unmeasured or "no evaluation samples"}
     emitted = run_batches(session, samples.batches(1))
-    return {
+    errors = {
         "artifact_vs_fp32": compare_outputs(manager.reference_outputs or {}, emitted),
         "artifact_vs_ir": compare_outputs(manager.final_outputs or {}, emitted),
     }
+    if manager.ir_unmeasured:
+        errors["note"] = manager.ir_unmeasured
+    return errors
 
 
 def _manifest(user_source: Any, source: Model, canonical: Model, compiled: Model,

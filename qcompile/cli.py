@@ -66,6 +66,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-shape", action="append", metavar="NAME=DxD", help="static input shape (repeatable)")
     parser.add_argument("--verify", action="store_true", help="check numerically that exact passes kept the outputs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="processes for per-layer work (quant, shiftadd, prune); 0 = every core. "
+                        "The artifact is the same for any N")
     parser.add_argument("--ort-accuracy-level", type=int, default=4, choices=range(5),
                         help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU)")
     parser.add_argument("--dump-dir", metavar="DIR",
@@ -240,6 +243,7 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             dump_dir=args.dump_dir,
             report=args.report,
             arch=args.arch,
+            jobs=args.jobs,
         )
     if args.json:
         report: dict[str, Any] = {"output": str(result.path), "manifest": result.manifest}
