@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,18 @@ def mlp_feeds(n: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
 
 def cnn_feeds(n: int = 2, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)}
+
+
+def artifact_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of an artifact folder, the manifest's wall-clock timings left out."""
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        if path.name == "manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("seconds", None)
+            for record in manifest.get("passes", []):
+                record.pop("seconds", None)
+            data = json.dumps(manifest, sort_keys=True).encode()
+        digests[path.name] = hashlib.sha256(data).hexdigest()
+    return digests

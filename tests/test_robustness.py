@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import make_model, mlp_feeds
+from conftest import artifact_digests, make_model, mlp_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
@@ -73,20 +72,6 @@ def test_model_onnx_runtime_cannot_load_is_rejected_in_one_line(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    digests = {}
-    for path in sorted(folder.iterdir()):
-        data = path.read_bytes()
-        if path.name == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("seconds", None)
-            for record in manifest.get("passes", []):
-                record.pop("seconds", None)
-            data = json.dumps(manifest, sort_keys=True).encode()
-        digests[path.name] = hashlib.sha256(data).hexdigest()
-    return digests
-
-
 def test_same_inputs_give_byte_identical_artifacts_and_never_touch_the_input(tmp_path, mlp_path):
     before = hashlib.sha256(mlp_path.read_bytes()).hexdigest()
     calib = tmp_path / "calib.npz"
@@ -94,7 +79,7 @@ def test_same_inputs_give_byte_identical_artifacts_and_never_touch_the_input(tmp
     spec = "split,fold,quant(bits=4,method=gptq)"
     first = qcompile.compile(mlp_path, passes=spec, calib=calib, output=tmp_path / "a")
     second = qcompile.compile(mlp_path, passes=spec, calib=calib, output=tmp_path / "b")
-    assert _digest(first.path) == _digest(second.path)
+    assert artifact_digests(first.path) == artifact_digests(second.path)
     assert hashlib.sha256(mlp_path.read_bytes()).hexdigest() == before
 
 

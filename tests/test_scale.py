@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import mlp_feeds
+from conftest import artifact_digests, mlp_feeds
 
 import qcompile
 from qcompile.cli import main
@@ -37,20 +37,6 @@ def pool():
 @pytest.fixture
 def transformer_path(tmp_path: Path) -> Path:
     return write_transformer(tmp_path / "model" / "model.onnx", SMALL)
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    digests = {}
-    for path in sorted(folder.iterdir()):
-        data = path.read_bytes()
-        if path.name == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("seconds", None)
-            for record in manifest.get("passes", []):
-                record.pop("seconds", None)
-            data = json.dumps(manifest, sort_keys=True).encode()
-        digests[path.name] = hashlib.sha256(data).hexdigest()
-    return digests
 
 
 # -- memory-mapped weights -----------------------------------------------------------------
@@ -160,7 +146,7 @@ def test_parallel_artifacts_are_byte_identical_to_serial(tmp_path, mlp_path, poo
     np.savez(calib, **mlp_feeds(8))
     serial = qcompile.compile(mlp_path, passes=spec, calib=calib, output=tmp_path / "serial")
     parallel = qcompile.compile(mlp_path, passes=spec, calib=calib, output=tmp_path / "parallel", executor=pool)
-    assert _digest(serial.path) == _digest(parallel.path)
+    assert artifact_digests(serial.path) == artifact_digests(parallel.path)
 
 
 def test_jobs_flag(tmp_path, mlp_path, capsys):
@@ -183,5 +169,5 @@ def test_minilm_compiles_to_byte_identical_artifacts_serial_or_parallel(tmp_path
     spec = "split,fold,quant(bits=4,method=gptq)"
     first = qcompile.compile(model, passes=spec, calib=tmp_path / "calib.npz", output=tmp_path / "a")
     second = qcompile.compile(model, passes=spec, calib=tmp_path / "calib.npz", output=tmp_path / "b", jobs=2)
-    assert _digest(first.path) == _digest(second.path)
+    assert artifact_digests(first.path) == artifact_digests(second.path)
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
