@@ -164,8 +164,8 @@ def _tied_weights(graph: gs.Graph) -> set[str]:
     for node in graph.nodes:
         if not qops.is_quantized(node):
             continue
-        weight = _kernel_weight(qops.read_weight(node))
-        if not isinstance(weight, QuantizedWeight) or weight.bits not in NATIVE_BITS or \
+        weight = qops.read_weight(node)  # only its layout matters here: no need to re-pack 3-bit codes
+        if not isinstance(weight, QuantizedWeight) or weight.bits not in (*NATIVE_BITS, *WIDENED_BITS) or \
                 not _power_of_two(weight.group_size) or weight.cols % weight.group_size:
             continue
         if node.op == "QGather":

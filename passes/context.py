@@ -72,22 +72,13 @@ class PassContext:
 
     def gram(
         self, model: Model, tensor_names: Iterable[str], *, allow_synthetic: bool = False
-    ) -> dict[str, tuple[np.ndarray, int]]:
-        """Per tensor, ``(X^T X, rows)`` over every calibration row (no row limit).
+    ) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
+        """Per tensor, ``(X^T X, rows, column sums)`` over every calibration row (no row limit).
 
         The Hessian of a linear layer's output error (GPTQ), and everything needed for
         that layer's exact output error statistics; float64, ``[dim, dim]``.
         """
         return self.statistics(model, gram_of=tensor_names, allow_synthetic=allow_synthetic)[0]
-
-    def means(self, model: Model, tensor_names: Iterable[str]) -> dict[str, np.ndarray]:
-        """Per tensor, the mean of each last-axis channel over every calibration row (float64)."""
-        means: dict[str, np.ndarray] = {}
-        for chunk, parts in self._stream(model, tensor_names, False):
-            for name in chunk:
-                rows = sum(p.shape[0] for p in parts[name])
-                means[name] = sum(p.astype(np.float64).sum(0) for p in parts[name]) / max(rows, 1)
-        return means
 
     def statistics(
         self,
@@ -96,10 +87,10 @@ class PassContext:
         gram_of: Iterable[str] = (),
         rows_of: Iterable[str] = (),
         allow_synthetic: bool = False,
-    ) -> tuple[dict[str, tuple[np.ndarray, int]], dict[str, np.ndarray]]:
+    ) -> tuple[dict[str, tuple[np.ndarray, int, np.ndarray]], dict[str, np.ndarray]]:
         """:meth:`gram` of ``gram_of`` and :meth:`capture` of ``rows_of`` in one calibration run."""
         gram_names, row_names = set(gram_of), set(rows_of)
-        grams: dict[str, tuple[np.ndarray, int]] = {}
+        grams: dict[str, tuple[np.ndarray, int, np.ndarray]] = {}
         captured: dict[str, np.ndarray] = {}
         for chunk, parts in self._stream(model, [*gram_of, *rows_of], allow_synthetic):
             for name in chunk:
@@ -177,14 +168,17 @@ def token_rows(feed: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray | N
     return mask.reshape(-1) != 0
 
 
-def _gram(parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
-    """``(X^T X, rows)`` of the row blocks ``parts``, accumulated in float64."""
+def _gram(parts: list[np.ndarray]) -> tuple[np.ndarray, int, np.ndarray]:
+    """``(X^T X, rows, column sums)`` of the row blocks ``parts``, accumulated in float64
+    (the sums give the inputs' means, e.g. for bias correction, at no extra calibration run)."""
     dim = parts[0].shape[1]
     accumulated = np.zeros((dim, dim), np.float64)
+    sums = np.zeros(dim, np.float64)
     for rows in parts:
         rows64 = rows.astype(np.float64)
         accumulated += rows64.T @ rows64
-    return accumulated, sum(p.shape[0] for p in parts)
+        sums += rows64.sum(0)
+    return accumulated, sum(p.shape[0] for p in parts), sums
 
 
 def _bytes_per_sample(tensor: gs.Tensor | None) -> int:

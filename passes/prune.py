@@ -117,7 +117,7 @@ class Prune(Pass):
         if reason and ctx.calib is None:
             raise UsageError(f"{reason}: add --calib FILE")
         candidates, skipped = self._select(model)
-        first_grams = self._grams(model, candidates, ctx) if self.allocate == "sensitivity" else {}
+        first_grams = self._grams(model, candidates, ctx)[0] if self.allocate == "sensitivity" else {}
         plan = self.plan(candidates, first_grams)
         changed, layers = self.apply(model, candidates, plan, ctx)
         total = sum(s["params"] for s in layers.values())
@@ -132,11 +132,14 @@ class Prune(Pass):
         return self.sequential and ctx.calib is not None
 
     @staticmethod
-    def _grams(model: Model, nodes: list[gs.Node], ctx: PassContext) -> dict[str, np.ndarray | None]:
-        """Per layer, ``X^T X`` of its input over the calibration rows (None: Conv, Gather, no data)."""
+    def _grams(model: Model, nodes: list[gs.Node], ctx: PassContext
+               ) -> tuple[dict[str, np.ndarray | None], dict[str, np.ndarray]]:
+        """Per layer, ``X^T X`` of its input over the calibration rows (None: Conv, Gather, no data);
+        per linear input tensor, its channel means over the same rows."""
         linear = [n.inputs[0].name for n in nodes if n.op in ("MatMul", "Gemm")]
         grams, _ = ctx.statistics(model, gram_of=linear) if linear else ({}, {})
-        return {n.name: _gram_for(n, grams) for n in nodes}
+        means = {name: sums / max(rows, 1) for name, (_, rows, sums) in grams.items()}
+        return {n.name: _gram_for(n, grams) for n in nodes}, means
 
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
         return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size)
@@ -209,7 +212,7 @@ class Prune(Pass):
         layers = {}
         stages = _stages(model, nodes) if self._sequential(ctx) else [nodes]
         for stage in stages:
-            grams = self._grams(model, stage, ctx)
+            grams, input_means = self._grams(model, stage, ctx)
             keys = {node.name: (node.inputs[1 if node.op != "Gather" else 0].name,
                                 f"{node.op}{node.attrs.get('transB', '')}") for node in stage}
             todo: dict[tuple[str, str], gs.Node] = {}  # a weight read by several layers of one kind is pruned once
@@ -220,8 +223,7 @@ class Prune(Pass):
             pruned_matrices = ctx.executor.map(partial(_prune_item, self), (
                 (node.op, matrices[key], plan[node.name], grams[node.name]) for key, node in todo.items()))
             done.update({key: (matrices[key], result) for key, result in zip(todo, pruned_matrices, strict=True)})
-            means = (ctx.means(model, [n.inputs[0].name for n in stage if n.op in ("MatMul", "Gemm")])
-                     if self.bias_correction and ctx.calib is not None else {})
+            means = input_means if self.bias_correction and ctx.calib is not None else {}
             for node in stage:
                 target = plan[node.name]
                 matrix, pruned = done[keys[node.name]]
@@ -339,7 +341,7 @@ def _rows(node: gs.Node) -> np.ndarray:
     return as_rows(node, np.asarray(weight.values, np.float32))
 
 
-def _gram_for(node: gs.Node, grams: dict[str, tuple[np.ndarray, int]]) -> np.ndarray | None:
+def _gram_for(node: gs.Node, grams: dict[str, tuple[np.ndarray, int, np.ndarray]]) -> np.ndarray | None:
     entry = grams.get(node.inputs[0].name) if node.op in ("MatMul", "Gemm") else None
     if entry is None:
         return None

@@ -123,8 +123,9 @@ def test_padding_tokens_are_left_out_of_statistics():
     mask = np.array([[[1, 1, 0, 0]], [[1, 1, 1, 0]]], np.int64)
     calib = load_calibration({"x": x, "attention_mask": mask}, model)
     real = np.concatenate([x[0, 0, :2], x[1, 0, :3]]).astype(np.float64)
-    gram, rows = PassContext(calib=calib).gram(model, ["y"])["y"]
+    gram, rows, sums = PassContext(calib=calib).gram(model, ["y"])["y"]
     assert rows == 5
     np.testing.assert_allclose(gram, real.T @ real, rtol=1e-6)
+    np.testing.assert_allclose(sums, real.sum(0), rtol=1e-6)
     assert PassContext(calib=calib).capture(model, ["y"])["y"].shape == (5, 3)
     assert PassContext(calib=calib, skip_padding=False).gram(model, ["y"])["y"][1] == 8
