@@ -44,19 +44,20 @@ class Compaction:
 def compact(graph: gs.Graph) -> Compaction:
     """Store the quantized kernels' constants in their narrow form (see the module docstring)."""
     done = Compaction()
-    replaced: dict[str, gs.Variable] = {}
+    replaced: set[str] = set()  # constants already stored narrow (a tied table is read by two kernels)
     for node in list(graph.nodes):
         if node.domain != MSFT_DOMAIN or node.op not in DATA_INPUT:
             continue
         scales = _root_constant(node.inputs[SCALE_INPUT]) if len(node.inputs) > SCALE_INPUT else None
         if scales is not None and scales.name not in replaced and _float16_exact(scales.values):
-            replaced[scales.name] = _widen(graph, scales, _cast_nodes(scales))
+            replaced.add(scales.name)
+            _widen(graph, scales, _cast_nodes(scales))
             done.float16_scales.append(scales.name)
             done.bytes_saved += scales.values.nbytes // 2
         data = _root_constant(node.inputs[DATA_INPUT[node.op]])
         if node.attrs.get("bits") == 4 and data is not None and data.name not in replaced and _three_bit(data.values):
-            narrow = _repack_nodes(graph, data)
-            replaced[data.name] = _widen(graph, data, narrow)
+            replaced.add(data.name)
+            _widen(graph, data, _repack_nodes(graph, data))
             done.three_bit_codes.append(data.name)
             done.bytes_saved += data.values.nbytes // 4
     return done
@@ -83,7 +84,7 @@ def _three_bit(values: np.ndarray) -> bool:
     return bool(((values & 0x88) == 0).all())
 
 
-def _widen(graph: gs.Graph, constant: gs.Constant, nodes: list[gs.Node]) -> gs.Variable:
+def _widen(graph: gs.Graph, constant: gs.Constant, nodes: list[gs.Node]) -> None:
     """Replace every use of ``constant`` by the output of ``nodes`` (which read its narrow form)."""
     wide = nodes[-1].outputs[0]
     for consumer in list(constant.outputs):
@@ -91,7 +92,6 @@ def _widen(graph: gs.Graph, constant: gs.Constant, nodes: list[gs.Node]) -> gs.V
             if tensor is constant:
                 consumer.inputs[index] = wide
     graph.nodes.extend(nodes)
-    return wide
 
 
 def _cast_nodes(scales: gs.Constant) -> list[gs.Node]:
