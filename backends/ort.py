@@ -42,6 +42,7 @@ from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
 from qcompile.ir.sparse import SparseWeight
 
+from . import ort_fusion
 from .ort_storage import compact
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,14 @@ def providers_for(target: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if target == "cuda" else ["CPUExecutionProvider"]
 
 
-def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, str], list[list[str]], dict]:
+def lower(model: Model, *, accuracy_level: int = 4, fuse: bool = True
+          ) -> tuple[Model, dict[str, str], list[list[str]], dict, dict]:
     """A copy of ``model`` with native ONNX Runtime kernels.
 
     Returns the lowered model, the kernel used per quantized layer, the groups of layers
-    merged into one kernel because they read the same input, and what was stored narrower
-    on disk than the kernels read it.
+    merged into one kernel because they read the same input, what was stored narrower
+    on disk than the kernels read it, and what :mod:`.ort_fusion` fused (``fuse``: RMSNorm,
+    residual + RMSNorm and attention blocks into ONNX Runtime's fused kernels).
     """
     lowered = model.copy()
     graph = lowered.graph
@@ -133,13 +136,14 @@ def lower(model: Model, *, accuracy_level: int = 4) -> tuple[Model, dict[str, st
         node.outputs.clear()
         graph.nodes[position : position + 1] = replacement
     merged_groups = _merge_shared_input(graph)
+    fusion = ort_fusion.fuse(graph) if fuse else {"fused": {}, "skipped": {}, "disabled": True}
     graph.cleanup(remove_unused_graph_inputs=False)
     storage = compact(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if any(n.domain == MSFT_DOMAIN for n in graph.nodes):
         domains = [d for d in (graph.import_domains or []) if d.domain != MSFT_DOMAIN]
         graph.import_domains = [*domains, onnx.helper.make_opsetid(MSFT_DOMAIN, 1)]
-    return lowered, kernels, merged_groups, storage.summary()
+    return lowered, kernels, merged_groups, storage.summary(), fusion
 
 
 def _kernel_weight(weight):
@@ -386,11 +390,11 @@ def _gather_block_quantized(node: gs.Node, weight: QuantizedWeight) -> list[gs.N
     return [gs.Node("GatherBlockQuantized", node.name, attrs, inputs, list(node.outputs), domain=MSFT_DOMAIN)]
 
 
-def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int = 4) -> dict:
+def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int = 4, fuse: bool = True) -> dict:
     """Write the ONNX Runtime artifact's model files into ``folder``; return the manifest section."""
     if target not in TARGETS:
         raise BackendError(f"backend ort: unknown target {target!r} (targets: {', '.join(TARGETS)})")
-    lowered, kernels, merged_groups, storage = lower(model, accuracy_level=accuracy_level)
+    lowered, kernels, merged_groups, storage, fusion = lower(model, accuracy_level=accuracy_level, fuse=fuse)
     model_path = io.save(lowered, folder / MODEL_FILE)
     files = [MODEL_FILE] + [p.name for p in folder.glob(f"{MODEL_FILE}.data")]
     has_qdq = any(node.op == "QuantizeLinear" for node in lowered.graph.nodes)
@@ -418,4 +422,5 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
         "kernels": kernels,
         "merged": merged_groups,
         "storage": storage,
+        "fusion": fusion,
     }

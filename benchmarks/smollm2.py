@@ -11,7 +11,7 @@ interleaved round by round. The bandwidth ideal of a decode step is the model's 
 bytes / the bandwidth an FP32 GEMV reaches on this machine.
 
     python benchmarks/smollm2.py [--passes "quant(bits=3,method=gptq)" ...] [--ort rtn:4 hqq:4 ...]
-                                 [--windows 8] [--calib-windows 16] [--update-readme]
+                                 [--windows 8] [--calib-windows 16] [--unfused] [--update-readme]
 
 Pipelines are arguments, so rows for other passes (``shiftadd``, ``bits``) are one more
 ``--passes``. Builds are kept in ``--work`` (default ``~/.cache/qcompile/bench-smollm2``)
@@ -75,22 +75,24 @@ def _build_ort(source: Path, work: Path, spec: str, rebuild: bool) -> tuple[str,
     return f"ORT MatMulNBits {algo.upper()} {bits}-bit g32", target, time.perf_counter() - started
 
 
-def _build_qcompile(source: Path, work: Path, spec: str, calib: dict, rebuild: bool) -> tuple[str, Path, float]:
-    target = work / f"qc-{_slug(spec)}"
+def _build_qcompile(source: Path, work: Path, spec: str, calib: dict, rebuild: bool,
+                    ort_fusion: bool = True) -> tuple[str, Path, float]:
+    target = work / f"qc-{_slug(spec)}{'' if ort_fusion else '-unfused'}"
     started = time.perf_counter()
     if rebuild and target.exists():
         shutil.rmtree(target)
     if not target.is_dir():  # in a child process: the compiler's peak memory is returned when it ends
-        child = multiprocessing.get_context("spawn").Process(target=_compile, args=(source, spec, calib, target))
+        child = multiprocessing.get_context("spawn").Process(target=_compile,
+                                                             args=(source, spec, calib, target, ort_fusion))
         child.start()
         child.join()
         if child.exitcode != 0 or not target.is_dir():
             raise SystemExit(f"compiling {spec} failed (exit code {child.exitcode})")
-    return f"qcompile {spec}", target, time.perf_counter() - started
+    return f"qcompile {spec}{'' if ort_fusion else ' (no ORT fusion)'}", target, time.perf_counter() - started
 
 
-def _compile(source: Path, spec: str, calib: dict, target: Path) -> None:
-    qcompile.compile(str(source), passes=spec, calib=calib, output=target)
+def _compile(source: Path, spec: str, calib: dict, target: Path, ort_fusion: bool = True) -> None:
+    qcompile.compile(str(source), passes=spec, calib=calib, output=target, ort_fusion=ort_fusion)
 
 
 def _size_mb(path: Path) -> float:
@@ -112,6 +114,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length for latency")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile" / "bench-smollm2")
     parser.add_argument("--rebuild", action="store_true", help="rebuild models found in --work")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also build each pipeline without the ORT backend's fusions (--no-ort-fusion), "
+                        "timed in the same interleaved rounds")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's SmolLM2 table")
     return parser.parse_args(argv)
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     builds: list[tuple[str, Path, float]] = [("ONNX Runtime FP32", source, 0.0)]
     builds += [_build_ort(source, args.work, spec, args.rebuild) for spec in args.ort]
     builds += [_build_qcompile(source, args.work, spec, calib, args.rebuild) for spec in passes]
+    if args.unfused:
+        builds += [_build_qcompile(source, args.work, spec, calib, args.rebuild, ort_fusion=False) for spec in passes]
 
     rows, models = [], {}
     for label, path, seconds in builds:

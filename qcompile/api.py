@@ -78,6 +78,7 @@ def compile(
     verify: bool = False,
     seed: int = 0,
     accuracy_level: int = 4,
+    ort_fusion: bool = True,
     example_inputs: Any = None,
     progress: Progress | None = None,
     on_pass=None,
@@ -107,6 +108,8 @@ def compile(
     0 = every core; the artifact is byte-identical for any value. ``executor``: run that
     work elsewhere instead (any :class:`qcompile.passes.executor.Executor`, e.g. a
     ``RayExecutor``); the caller keeps it (it is not closed here).
+    ``ort_fusion``: let the ONNX Runtime backend fuse residual + RMSNorm and attention
+    blocks into ONNX Runtime's fused kernels (:mod:`qcompile.backends.ort_fusion`).
     ``max_reference_bytes``: per-pass output errors are measured on the IR's reference
     functions, which decode every quantized weight to float at once; past this many decoded
     bytes they are skipped (the artifact's own error is still measured; None = no limit).
@@ -157,7 +160,8 @@ def compile(
                                                accuracy_level=accuracy_level)
             backend_error = _tvm_backend_error(manager, staging, backend_section, eval_samples, compiled)
         else:
-            backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level)
+            backend_section = ort_backend.emit(compiled, staging, target=target, accuracy_level=accuracy_level,
+                                               fuse=ort_fusion)
             backend_error = _backend_error(manager, staging, backend_section, eval_samples)
         manifest = _manifest(model, source, canonical, compiled, records, backend_section, staging)
         manifest["errors"] = {

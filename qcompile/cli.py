@@ -71,6 +71,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "The artifact is the same for any N")
     parser.add_argument("--ort-accuracy-level", type=int, default=4, choices=range(5),
                         help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU)")
+    parser.add_argument("--no-ort-fusion", dest="ort_fusion", action="store_false",
+                        help="ONNX Runtime backend: keep RMSNorm and attention as exported (no fused kernels)")
     parser.add_argument("--dump-dir", metavar="DIR",
                         help="write the model after canonicalization and after every pass (NN-pass.onnx/.json)")
     parser.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
@@ -238,6 +240,7 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             verify=args.verify,
             seed=args.seed,
             accuracy_level=args.ort_accuracy_level,
+            ort_fusion=args.ort_fusion,
             progress=_RichProgress(progress),
             on_pass=lambda i, p: show and console.print(f"pass {i + 1}: [bold]{escape(str(p))}[/]"),
             dump_dir=args.dump_dir,
@@ -285,6 +288,9 @@ def _print_summary(console: Console, result, *, dump_dir: str | None = None, rep
         summary.add_row("output SQNR vs FP32", f"{sqnr:.1f} dB")
     kernels = Counter(layer["kernel"].split(" (")[0] for layer in manifest["layers"].values())
     summary.add_row("kernels", ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items())) or "-")
+    fusion = manifest.get("backend", {}).get("fusion")
+    if fusion and not fusion.get("disabled"):
+        summary.add_row("fused", ", ".join(f"{kind} {n}" for kind, n in fusion["fused"].items() if n) or "nothing")
     for record in result.records:  # a bits plan (the full JSON is in the manifest)
         plan = record.stats.get("plan")
         if isinstance(plan, dict) and plan.get("layers"):
