@@ -53,5 +53,7 @@ def test_smollm2_end_to_end(tmp_path):
     assert stats["patterns"]["activation_matmuls_left_alone"] == 60
     manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
     assert manifest["sizes"]["artifact_bytes"] <= 81e6  # whole model, tied embedding/LM head stored once
+    # every residual + RMSNorm (not the first layer's, of the embedding) and every attention block fused
+    assert manifest["backend"]["fusion"]["fused"] == {"rmsnorm": 60, "attention": 30}
     quantized = open_lm(tmp_path / "q4")
     assert perplexity(quantized, windows)["perplexity"] / reference < 2.0
