@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,9 +205,14 @@ class _Attention:
 def _fuse_attention(graph: gs.Graph, skipped: Counter) -> int:
     count = 0
     shared: dict[str, dict[str, gs.Tensor]] = {}
-    softmaxes = [n for n in graph.nodes if n.op == "Softmax"]
-    shapes = _static_shapes(graph) if softmaxes else {}
-    for softmax in softmaxes:
+    inferred: list[dict[str, list]] = []
+
+    def shapes() -> dict[str, list]:  # inferred once, and only for a graph with a KV-cache attention block
+        if not inferred:
+            inferred.append(_static_shapes(graph))
+        return inferred[0]
+
+    for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
         match = _match_attention(softmax, shapes)
         if isinstance(match, str):
             if match:
@@ -239,7 +245,7 @@ def _static_shapes(graph: gs.Graph) -> dict[str, list]:
     return shapes
 
 
-def _match_attention(softmax: gs.Node, shapes: dict[str, list]) -> _Attention | str:
+def _match_attention(softmax: gs.Node, inferred_shapes: Callable[[], dict[str, list]]) -> _Attention | str:
     """The attention block around ``softmax``, or why it is not the supported form ('' = not attention)."""
     if softmax.attrs.get("axis", -1) not in (-1, 3):
         return ""
@@ -267,6 +273,7 @@ def _match_attention(softmax: gs.Node, shapes: dict[str, list]) -> _Attention | 
     if key_cache is None or value_cache is None:
         return "K/V are not a Concat with a past_key_values input"
     (past_key, key4, present_key), (past_value, value4, present_value) = key_cache, value_cache
+    shapes = inferred_shapes()
     past_shape = shapes.get(past_key.name) or []
     if len(past_shape) != 4 or not all(isinstance(d, int) and d for d in (past_shape[1], past_shape[3])):
         return "past key without a static head count and size"
