@@ -68,7 +68,7 @@ class _Layer:
     param_names: list[str]  # the format's weight inputs, in its order (qcompile.ir.formats)
     layout: Any = None  # kernels.CpuLayout / tvm_bcq.BcqCpuLayout for CPU QMatMul
     gpu_arrays: list[np.ndarray] | None = None  # GPU QMatMul weights split for dlight's GEMV rule
-    decoded: np.ndarray | None = None  # sparse weight run as float32 [cols, rows] (tvm_sparse.use_decoded)
+    decoded: np.ndarray | None = None  # a bitmask weight on GPUs: float32 [cols, rows] (no kernel there)
 
     def kernel_arrays(self) -> list[np.ndarray]:
         """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
@@ -76,7 +76,7 @@ class _Layer:
             return [self.decoded]
         if self.gpu_arrays is not None:
             return self.gpu_arrays
-        if isinstance(self.layout, tvm_sparse.SparseCpuLayout):
+        if isinstance(self.layout, (tvm_sparse.SparseCpuLayout, tvm_sparse.BitmaskRowLayout)):
             return self.layout.arrays()
         if self.format == "bcq":
             return self.layout.arrays() if self.layout is not None else [self.weight.planes, self.weight.alphas]
@@ -89,14 +89,14 @@ class _Layer:
 
 
 def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
-                      decoded: frozenset[str] | set[str] = frozenset()) -> dict[str, _Layer]:
-    """The quantized nodes as the kernels take them; ``decoded``: sparse nodes run as a float
-    matmul of their decoded weight (see :meth:`QuantizedImporter._qmatmul_sparse`)."""
+                      row_gemv: frozenset[str] | set[str] = frozenset()) -> dict[str, _Layer]:
+    """The quantized nodes as the kernels take them; ``row_gemv``: bitmask nodes laid out for
+    the one-row-per-task GEMV (see :meth:`QuantizedImporter._qmatmul_sparse`)."""
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
         fmt = str(node.attrs.get("format", "int"))
         if node.attrs.get("sparse"):
-            layers[node.name] = _sparse_layer(node, cpu, decoded)
+            layers[node.name] = _sparse_layer(node, cpu, node.name in row_gemv)
             continue
         if fmt not in SUPPORTED_FORMATS:
             name = qops.format_name(node)
@@ -121,9 +121,9 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
     return layers
 
 
-def _sparse_layer(node: gs.Node, cpu: bool, decoded: set[str]) -> _Layer:
-    """A sparse ``int`` QMatMul: the kernels of :mod:`tvm_sparse` over the compact storage, or
-    the weight decoded to float where those are slower (:func:`tvm_sparse.use_decoded`)."""
+def _sparse_layer(node: gs.Node, cpu: bool, row_gemv: bool) -> _Layer:
+    """A sparse ``int`` QMatMul: the kernels of :mod:`tvm_sparse` over the compact storage (a
+    bitmask weight on GPUs: decoded to float, no kernel there)."""
     name = qops.format_name(node)
     weight = qops.read_weight(node)
     reason = None if node.op == "QMatMul" else f"{node.op} (only QMatMul)"
@@ -134,8 +134,10 @@ def _sparse_layer(node: gs.Node, cpu: bool, decoded: set[str]) -> _Layer:
                                     "(use --backend ort)")
     names = [tensor.name for tensor in qops.weight_inputs(node)]
     layer = _Layer(node.name, node.op, name, weight, names)
-    if node.name in decoded or (not cpu and weight.layout == "bitmask"):
+    if not cpu and weight.layout == "bitmask":
         layer.decoded = np.ascontiguousarray(weight.dequantize().T)
+    elif cpu and row_gemv:
+        layer.layout = tvm_sparse.bitmask_row_layout(weight)
     elif cpu:
         layer.layout = tvm_sparse.cpu_layout(weight)
     else:
@@ -157,7 +159,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         self._array_counts: dict[str, int] = {}
         self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
         self.kernel_names: dict[str, str] = {}
-        self.decode_instead: set[str] = set()  # sparse layers whose kernel is slower than decoding
+        self.row_gemv: set[str] = set()  # bitmask layers seen with GEMV rows (re-imported for that kernel)
 
     # -- seams of the base importer ----------------------------------------------
 
@@ -251,30 +253,30 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
 
     def _qmatmul_sparse(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
         """Sparse ``int`` QMatMul (:mod:`tvm_sparse`): CPU kernels over the compact codes and
-        metadata, the N:M tensor expression for dlight (CUDA), or a float matmul of the
-        weight decoded once where that was measured faster (bitmask GEMV, bitmask on CUDA)."""
+        metadata, the N:M tensor expression for dlight (CUDA), a float matmul of the decoded
+        weight for a bitmask weight on GPUs."""
         weight = layer.weight
         self._check_input(layer, x)
         flat, leading = self._flatten_rows(x, weight.cols)
         rows = _shape(flat)[0]
-        pattern = "bitmask" if weight.layout == "bitmask" else weight.pattern
-        label = f"{pattern} int{weight.bits}"
+        label = f"{'bitmask' if weight.layout == 'bitmask' else weight.pattern} int{weight.bits}"
         if layer.decoded is not None:
             (decoded,) = self._vars(layer)
             result = self.bb.normalize(relax.op.matmul(flat, decoded))
             self.kernel_names[layer.node_name] = (f"tvm float32 matmul, sparse {label} decoded at load "
-                                                  f"({tvm_sparse.DECODED_WHY if self._cpu else 'no bitmask kernel on GPUs'})")
+                                                  "(no bitmask kernel on GPUs)")
             return relax.op.reshape(result, [*leading, weight.rows])
-        if tvm_sparse.use_decoded(weight, rows):  # known here only (shapes through QGather are not)
-            self.decode_instead.add(layer.node_name)
+        if (self._gather and rows <= kernels.GEMV_MAX_ROWS and tvm_sparse.rows_eligible(weight)
+                and not isinstance(layer.layout, tvm_sparse.BitmaskRowLayout)):
+            self.row_gemv.add(layer.node_name)  # rows are known here only (not through QGather's shape)
         args = self._vars(layer)
         kind = tvm_sparse.kernel_kind(rows)
         layout = layer.layout
         if layout is not None:
             if layout.x_cols != weight.cols:
                 flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, layout.x_cols - weight.cols]))
-            key = ("sparse", rows, layout.layout, layout.values.packed.shape, layout.metadata.shape, weight.bits,
-                   layout.group_size, layout.n, layout.m, str(layout.values.scales.dtype))
+            key = ("sparse", rows, layout.layout, weight.rows, *(a.shape for a in layout.arrays()), weight.bits,
+                   layout.group_size, getattr(layout, "n", 0), getattr(layout, "m", 0), str(args[1].ty.dtype))
             if key not in self._kernel_cache:
                 func = tvm_sparse.qmatmul_cpu(rows, layout)
                 self._kernel_cache[key] = self.bb.add_func(func, f"qmatmul{weight.bits}_{layout.layout}_{kind.lower()}")
@@ -283,7 +285,9 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             result = self.bb.normalize(out)
             if layout.padded_rows != weight.rows:
                 result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
-            self.kernel_names[layer.node_name] = f"tvm sparse {kind} {label} (cpu, {layout.lanes} lanes)"
+            how = ("one row per task, vcompressps" if isinstance(layout, tvm_sparse.BitmaskRowLayout)
+                   else f"{layout.lanes} lanes")
+            self.kernel_names[layer.node_name] = f"tvm sparse {kind} {label} (cpu, {how})"
         else:
             p = weight.placement
             result = self.bb.normalize(self.bb.call_te(
@@ -445,9 +449,9 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
         shapes[value.name] = [d.dim_value for d in dims]
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
-    decoded: set[str] = set()
-    while True:  # again when a sparse layer's rows (known only while importing) call for decoding
-        layers = _quantized_layers(model, cpu, int8_activations, decoded)
+    row_gemv: set[str] = set()
+    while True:  # again when a bitmask layer's rows (known only while importing) call for its GEMV layout
+        layers = _quantized_layers(model, cpu, int8_activations, row_gemv)
         importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes, bcq_gemv=bcq_gemv,
                                      gather=gather)
         try:
@@ -459,8 +463,8 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
             raise UnsupportedModelError(
                 f"backend tvm: the Relax ONNX importer failed ({type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'})") from None
-        if importer.decode_instead <= decoded:
+        if importer.row_gemv <= row_gemv:
             break
-        decoded |= importer.decode_instead
+        row_gemv |= importer.row_gemv
     params = {name: value.numpy() for name, (_, value) in importer._params.items()}
     return ImportResult(module, params, list(shapes), shapes, [o.name for o in proto.graph.output], importer.kernel_names)

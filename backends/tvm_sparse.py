@@ -106,8 +106,10 @@ def cpu_layout(weight: SparseWeight) -> SparseCpuLayout:
     return SparseCpuLayout(values, metadata, "bitmask", inner.bits, inner.group_size, mask_bytes * 8)
 
 
-def qmatmul_cpu(rows_in: int, layout: SparseCpuLayout) -> tirx.PrimFunc:
+def qmatmul_cpu(rows_in: int, layout: SparseCpuLayout | BitmaskRowLayout) -> tirx.PrimFunc:
     """``Y[M, N_pad] = X[M, x_cols] @ decode(W).T`` as a scheduled CPU PrimFunc."""
+    if isinstance(layout, BitmaskRowLayout):
+        return bitmask_gemv_rows(rows_in, layout)
     gemv = rows_in <= kernels.GEMV_MAX_ROWS
     if layout.layout == "nm":
         return _nm_gemv(rows_in, layout) if gemv else _nm_gemm(rows_in, layout)
@@ -351,6 +353,140 @@ def _bitmask_kernel(M: int, layout: SparseCpuLayout, gemv: bool) -> tirx.PrimFun
 
 
 # ----------------------------------------------------------------------------------
+# Bitmask GEMV, one output row at a time (AVX-512 ``vcompressps``)
+# ----------------------------------------------------------------------------------
+
+COMPRESS_BITS = (2, 4, 8)  # codes that fill 32-bit words exactly
+ROW_TASK = 32  # output rows per parallel task (its buffers are allocated once per task)
+
+
+@dataclass(frozen=True)
+class BitmaskRowLayout:
+    """A bitmask weight for :func:`bitmask_gemv_rows`: the mask as stored (``[rows, bytes]``,
+    padded to 16-column chunks), scales and zero points as stored (``[rows, groups]``) and the
+    compact codes re-packed into 32-bit words so that one vector load yields 16 consecutive
+    compact slots: slot ``16 * (C * b + i) + lane`` is field ``i`` of word ``16 * b + lane``
+    (``C = 32 / bits`` fields per word). Same bits per code, only their order changes."""
+
+    words: np.ndarray  # uint32 [rows, slots / C]
+    scales: np.ndarray
+    zero_points: np.ndarray
+    mask: np.ndarray  # uint8 [rows, x_cols / 8]
+    bits: int
+    group_size: int
+    x_cols: int
+    layout: str = "bitmask-rows"
+    lanes: int = 16
+
+    @property
+    def padded_rows(self) -> int:
+        return int(self.words.shape[0])
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.words, self.scales, self.zero_points, self.mask]
+
+
+def rows_eligible(weight: SparseWeight) -> bool:
+    """:func:`bitmask_gemv_rows` applies: bitmask, 2/4/8 bits, groups of whole 16-slot vectors."""
+    inner = weight.inner
+    return weight.layout == "bitmask" and inner.bits in COMPRESS_BITS and inner.group_size % 16 == 0
+
+
+def bitmask_row_layout(weight: SparseWeight) -> BitmaskRowLayout:
+    from qcompile.ir.qformat import unpack_codes
+
+    inner = weight.inner
+    bits, per_word = inner.bits, 32 // inner.bits
+    codes = unpack_codes(inner.packed, bits).astype(np.uint32)  # [rows, slots]
+    rows, slots = codes.shape
+    block = 16 * per_word
+    padded = np.zeros((rows, -(-slots // block) * block), np.uint32)
+    padded[:, :slots] = codes
+    fields = padded.reshape(rows, -1, per_word, 16)  # [rows, blocks, field i, lane]
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :, None]
+    words = np.bitwise_or.reduce(fields << shifts, axis=2).reshape(rows, -1)
+    mask = weight.placement.metadata
+    chunk_bytes = -(-mask.shape[1] // 2) * 2
+    full = np.zeros((rows, chunk_bytes), np.uint8)
+    full[:, : mask.shape[1]] = mask
+    return BitmaskRowLayout(np.ascontiguousarray(words), inner.scales, inner.zero_points, full, bits,
+                            inner.group_size, chunk_bytes * 8)
+
+
+def bitmask_gemv_rows(M: int, layout: BitmaskRowLayout) -> tirx.PrimFunc:
+    """``Y[M, N] = X[M, x_cols] @ decode(W).T`` for a bitmask weight, one output row per task:
+    each activation row is first compressed through the row's mask (``vcompressps``, 16
+    columns per instruction: the activations of the kept weights, in compact order), then
+    dotted with the row's compact codes, 16 slots per vector, scale and zero point once per
+    group. Work and reads scale with the kept weights, as for a dense row of that width."""
+    N, NW = layout.words.shape
+    G = layout.scales.shape[1]
+    gs, bits = layout.group_size, layout.bits
+    C = 32 // bits
+    slots = NW * C
+    K = layout.x_cols
+    Q, MB = K // 16, layout.mask.shape[1]
+    code_mask = (1 << bits) - 1
+    SD = str(layout.scales.dtype)
+    ramp = T.ramp(0, 1, 16)
+
+    def kept(chunk):
+        return T.bitwise_and(T.shift_right(T.broadcast(chunk, 16), ramp), T.broadcast(1, 16)) != T.broadcast(0, 16)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((N, NW), "uint32"), s: T.Buffer((N, G), SD),
+               z: T.Buffer((N, G), "uint8"), mask: T.Buffer((N, MB), "uint8"), y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for task in T.parallel(-(-N // ROW_TASK)):
+            xc = T.alloc_buffer((M, slots + 16), "float32", scope="local")
+            acc = T.alloc_buffer((M, 16), "float32", scope="local")
+            part = T.alloc_buffer((M, 16), "float32", scope="local")
+            xs = T.alloc_buffer((M, 16), "float32", scope="local")
+            code = T.alloc_buffer((16,), "float32", scope="local")
+            cnt = T.alloc_buffer((1,), "int32", scope="local")
+            for r in range(task * ROW_TASK, T.min(N, task * ROW_TASK + ROW_TASK)):
+                for mm in range(M):
+                    for v in range(slots // 16 + 1):
+                        for lane in T.vectorized(16):
+                            xc[mm, v * 16 + lane] = T.float32(0)
+                    cnt[0] = 0
+                    for q in range(Q):
+                        xc[mm, T.ramp(cnt[0], 1, 16)] = T.call_llvm_pure_intrin(
+                            "float32x16", "llvm.x86.avx512.mask.compress", x[mm, T.ramp(q * 16, 1, 16)],
+                            T.broadcast(T.float32(0), 16),
+                            kept(T.bitwise_or(T.Cast("int32", mask[r, q * 2]),
+                                              T.shift_left(T.Cast("int32", mask[r, q * 2 + 1]), 8))))
+                        cnt[0] = cnt[0] + T.popcount(T.bitwise_or(T.Cast("int32", mask[r, q * 2]),
+                                                                  T.shift_left(T.Cast("int32", mask[r, q * 2 + 1]), 8)))
+                    for lane in T.vectorized(16):
+                        acc[mm, lane] = T.float32(0)
+                for g in range(G):
+                    for mm in range(M):
+                        for lane in T.vectorized(16):
+                            part[mm, lane] = T.float32(0)
+                            xs[mm, lane] = T.float32(0)
+                    for vv in range(gs // 16):
+                        for lane in T.vectorized(16):
+                            code[lane] = T.Cast("float32", T.bitwise_and(
+                                T.shift_right(w[r, ((g * (gs // 16) + vv) // C) * 16 + lane],
+                                              T.Cast("uint32", ((g * (gs // 16) + vv) % C) * bits)), T.uint32(code_mask)))
+                        for mm in range(M):
+                            for lane in T.vectorized(16):
+                                part[mm, lane] = part[mm, lane] + xc[mm, (g * (gs // 16) + vv) * 16 + lane] * code[lane]
+                                xs[mm, lane] = xs[mm, lane] + xc[mm, (g * (gs // 16) + vv) * 16 + lane]
+                    for mm in range(M):
+                        for lane in T.vectorized(16):
+                            acc[mm, lane] = acc[mm, lane] + T.Cast("float32", s[r, g]) * (
+                                part[mm, lane] - T.Cast("float32", z[r, g]) * xs[mm, lane])
+                for mm in range(M):
+                    y[mm, r] = T.float32(0)
+                    for lane in range(16):
+                        y[mm, r] = y[mm, r] + acc[mm, lane]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------
 # Generic (tensor expression) kernel: N:M for dlight (CUDA)
 # ----------------------------------------------------------------------------------
 
@@ -390,14 +526,3 @@ def qmatmul_nm_te(x, packed, scales, zero_points, metadata, bits: int, group_siz
     k = te.reduce_axis((0, cols), name="k")
     return te.compute((x.shape[0], rows), lambda i, j: te.sum(x[i, k] * weight[j, k], axis=k), name="qmatmul")
 
-
-DECODED_WHY = "the bitmask GEMV kernel measured slower, see README"
-
-
-def use_decoded(weight: SparseWeight, rows_in: int) -> bool:
-    """Whether the CPU backend runs ``weight`` as a float32 matmul of its decoded values
-    instead of a sparse kernel: a bitmask weight in the GEMV regime, where the per-lane
-    running count makes every code load a per-lane gather (``benchmarks/sparse_gemv.py``
-    measured the kernel slower than a float GEMV). N:M always runs its kernels; on GPUs a
-    bitmask weight is always decoded (no kernel there)."""
-    return weight.layout == "bitmask" and rows_in <= kernels.GEMV_MAX_ROWS

@@ -29,7 +29,8 @@ def _compile(tmp_path, spec, batch, **kwargs):
     ("pattern=2:4", 3, 3, "tvm sparse GEMM 2:4 int3"),     # 12 rows: tile decode
     ("sparsity=0.5", 4, 3, "tvm sparse GEMM bitmask int4"),
     ("sparsity=0.5", 3, 3, "tvm sparse GEMM bitmask int3"),
-    ("sparsity=0.5", 4, 1, "tvm float32 matmul, sparse bitmask int4 decoded at load"),  # GEMV: decoded
+    ("sparsity=0.5", 4, 1, "tvm sparse GEMV bitmask int4"),  # one row per task (AVX-512) or 16 lanes
+    ("sparsity=0.5", 3, 1, "tvm sparse GEMV bitmask int3 (cpu, "),  # 3 bits: the lanes kernel
 ])
 def test_sparse_parity_with_ir_reference(tmp_path, prune, bits, batch, kernel):
     spec = f"prune(method=wanda,{prune},min_size=0),quant(bits={bits},group_size=32,min_size=0)"
@@ -39,14 +40,15 @@ def test_sparse_parity_with_ir_reference(tmp_path, prune, bits, batch, kernel):
     layers = result.manifest["layers"]
     for name in sparse:
         assert layers[name]["kernel"].startswith(kernel), layers[name]["kernel"]
+        if kernel == "tvm sparse GEMV bitmask int4" and tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
+            assert layers[name]["kernel"].endswith("(cpu, one row per task, vcompressps)")
     feeds = mlp_feeds(batch, seed=bits)
     got = qcompile.load(result.path).run(feeds)["y"]
     session = make_session(ir_model)
     want = session.run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    if "decoded" not in kernel:  # the compact codes and metadata are what the artifact holds
-        params = np.load(result.path / "params.npz")
-        assert all(params[name].dtype != np.float32 or params[name].ndim < 2 for name in params.files)
+    params = np.load(result.path / "params.npz")  # the compact codes and metadata, no float weight matrix
+    assert all(params[name].dtype != np.float32 or params[name].ndim < 2 for name in params.files)
 
 
 def _sparse_weight(rng, rows, cols, bits, pattern, group_size):
@@ -96,6 +98,35 @@ def test_sparse_cpu_kernels(rows_in, rows, cols, bits, pattern, group_size):
     module["main"](*args)
     want = x @ weight.dequantize().T
     np.testing.assert_allclose(args[-1].numpy()[:, :rows], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows_in, rows, cols, bits, group_size", [
+    (1, 96, 200, 4, 32),
+    (3, 100, 130, 2, 16),
+    (2, 70, 300, 8, 0),   # per channel: one group of 512 compact slots
+])
+def test_bitmask_row_kernel(rows_in, rows, cols, bits, group_size):
+    """The one-row-per-task bitmask GEMV (activations compressed through the mask)."""
+    import tvm
+
+    from qcompile.backends import tvm_sparse
+
+    if not tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512")
+    rng = np.random.default_rng(rows + bits)
+    weight = _sparse_weight(rng, rows, cols, bits, "bitmask", group_size)
+    assert tvm_sparse.rows_eligible(weight)
+    layout = tvm_sparse.bitmask_row_layout(weight)
+    module = tvm.compile(tvm.IRModule({"main": tvm_sparse.qmatmul_cpu(rows_in, layout).with_attr("global_symbol",
+                                                                                                 "main")}),
+                         target=tvm_backend._llvm_target("cpu"))
+    x = rng.standard_normal((rows_in, cols)).astype(np.float32)
+    padded = np.zeros((rows_in, layout.x_cols), np.float32)
+    padded[:, :cols] = x
+    args = [tvm.runtime.tensor(a) for a in (padded, *layout.arrays(), np.zeros((rows_in, rows), np.float32))]
+    module["main"](*args)
+    want = x @ weight.dequantize().T
+    np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_sparse_arm64_build(tmp_path):

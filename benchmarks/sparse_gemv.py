@@ -1,0 +1,156 @@
+"""Sparse GEMV kernels, one run: qcompile's TVM kernels for ``int.nm`` (2:4) and ``int.bitmask``
+(50% unstructured) at 4 bits next to the dense int4 kernel, ONNX Runtime MatMulNBits int4 and FP32.
+
+For ``1 x K @ K x N`` (default 4096x4096 and 4096x11008), on one random activation:
+
+* ``ORT FP32 MatMul``: the dense float matrix (what ONNX Runtime runs for a sparse layer: the
+  reference function decodes it to float at session start).
+* ``ORT MatMulNBits int4``: ``accuracy_level=4`` (int8 activations), group 32, dense.
+* ``TVM dense int4``: the backend's dense ``int`` GEMV kernels (float activations and, on
+  AVX-512 VNNI CPUs, int8 activations: the backend's default for dense layers there).
+* ``TVM sparse 2:4 int4`` / ``TVM sparse bitmask int4``: the :mod:`qcompile.backends.tvm_sparse`
+  GEMV kernels over the compact codes + metadata of a magnitude-pruned weight (float
+  activations, exact).
+* ``TVM float32 (decoded)``: the backend's float GEMV (Relax ``matmul``, its CPU schedule) on
+  the decoded weight: what the backend runs instead of the bitmask GEMV kernel.
+
+Latencies are medians measured round-robin (``interleaved_latency_ms``); the table gives each
+kernel's time as a ratio to the TVM dense int4 (float activations) kernel, to ORT
+MatMulNBits int4 and to ORT FP32.
+
+    python benchmarks/sparse_gemv.py [--shapes 4096x4096,4096x11008] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gemv import GROUP, TvmKernel, ort_fp32, ort_nbits, random_weight, tvm_cpu_kernel  # noqa: E402
+from ort_baselines import interleaved_latency_ms  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.backends import tvm_kernels, tvm_sparse  # noqa: E402
+from qcompile.ir.sparse import SparseWeight  # noqa: E402
+from qcompile.passes.sparsequant import quantize_sparse  # noqa: E402
+
+
+def pruned(dense: np.ndarray, pattern: str) -> np.ndarray:
+    """``dense`` ``[rows, cols]`` magnitude-pruned to 2:4 or to 50% per row (unstructured)."""
+    rows, cols = dense.shape
+    if pattern == "2:4":
+        runs = np.abs(dense).reshape(rows, -1, 4)
+        keep = np.zeros_like(runs, bool)
+        np.put_along_axis(keep, np.argsort(runs, -1)[..., 2:], True, -1)
+        return np.where(keep.reshape(rows, cols), dense, 0).astype(np.float32)
+    threshold = np.median(np.abs(dense), axis=1, keepdims=True)
+    return np.where(np.abs(dense) > threshold, dense, 0).astype(np.float32)
+
+
+def tvm_sparse_kernel(weight: SparseWeight, x: np.ndarray) -> tuple[TvmKernel, int]:
+    import tvm
+
+    from qcompile.backends.tvm import _llvm_target
+
+    layout = tvm_sparse.cpu_layout(weight)
+    padded = np.zeros((1, layout.x_cols), np.float32)
+    padded[:, : x.shape[1]] = x
+    func = tvm_sparse.qmatmul_cpu(1, layout)
+    kernel = TvmKernel(func, [padded, *layout.arrays()], (1, layout.padded_rows), _llvm_target("cpu"), tvm.cpu(0))
+    return kernel, sum(a.nbytes for a in layout.arrays())
+
+
+class ArtifactKernel:
+    """A one-MatMul model compiled by the TVM backend (float weight): its Relax VM call."""
+
+    def __init__(self, weight_t: np.ndarray, folder: Path) -> None:
+        cols, rows = weight_t.shape
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "gemv",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
+                                  [numpy_helper.from_array(weight_t, "w")])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        result = qcompile.compile(proto, passes="fold", backend="tvm", output=folder)
+        self.artifact = qcompile.load(result.path)
+
+    def run(self, _names, feeds):
+        return list(self.artifact.run(dict(feeds)).values())
+
+
+def bench_shape(cols: int, rows: int, rounds: int, rng: np.random.Generator, scratch: Path) -> list[tuple]:
+    from qcompile.backends.tvm import _llvm_target, has_vnni
+
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    dense = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    int4 = random_weight(rows, cols, 4, rng)
+    kernels: list[tuple[str, object, int, object]] = [
+        ("ORT FP32 MatMul", ort_fp32(np.ascontiguousarray(dense.T), []), dense.nbytes, None)]
+    nbits_bytes = int4.packed.nbytes + int4.scales.size * 4 + int4.rows * -(-int4.n_groups * 4 // 8)
+    kernels.append(("ORT MatMulNBits int4", ort_nbits(int4, []), nbits_bytes, int4))
+    kernel, nbytes = tvm_cpu_kernel(int4, x)
+    kernels.append(("TVM dense int4 fp32-act", kernel, nbytes, int4))
+    if has_vnni(_llvm_target("cpu")) and tvm_kernels.vnni_eligible(int4):
+        kernel, nbytes = tvm_cpu_kernel(int4, x, vnni=True)
+        kernels.append(("TVM dense int4 int8-act", kernel, nbytes, int4))
+    for pattern in ("2:4", "bitmask"):
+        weight = quantize_sparse(pruned(dense, pattern), bits=4, group_size=GROUP, clip_search=1)
+        assert weight.layout == ("nm" if pattern == "2:4" else "bitmask")
+        kernel, nbytes = tvm_sparse_kernel(weight, x)
+        kernels.append((f"TVM sparse {pattern} int4", kernel, nbytes, weight))
+        if pattern == "bitmask":
+            decoded = np.ascontiguousarray(weight.dequantize().T)
+            kernels.append(("TVM float32 (decoded bitmask)", ArtifactKernel(decoded, scratch / f"fp32_{cols}x{rows}"),
+                            decoded.nbytes, weight))
+    for label, kernel, _, weight in kernels:  # correctness before speed
+        if weight is None:
+            continue
+        out = kernel.run(None, {"x": x})[0]
+        got = np.asarray(out.numpy() if hasattr(out, "numpy") else out)[:, :rows]
+        want = x @ weight.dequantize().T
+        error = float(np.abs(got - want).max() / np.abs(want).max())
+        if error > (5e-2 if "int8" in label or "ORT" in label else 1e-4):
+            raise SystemExit(f"{label}: output differs from the reference by {error:.3g}")
+    times = interleaved_latency_ms([k for _, k, _, _ in kernels], {"x": x}, rounds=rounds, repeats=rounds * 20)
+    by_label = {label: ms for (label, _, _, _), ms in zip(kernels, times, strict=True)}
+    dense_int4, nbits, fp32 = (by_label[k] for k in ("TVM dense int4 fp32-act", "ORT MatMulNBits int4",
+                                                      "ORT FP32 MatMul"))
+    return [(f"{cols}x{rows}", label, nbytes / 1e6, ms, ms / dense_int4, ms / nbits, ms / fp32)
+            for (label, _, nbytes, _), ms in zip(kernels, times, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN pairs (x is 1xK)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    table = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for spec in args.shapes.split(","):
+            cols, rows = (int(v) for v in spec.lower().split("x"))
+            table += bench_shape(cols, rows, args.rounds, rng, Path(scratch))
+    print(f"sparse GEMV 1xK @ KxN, cpu, {os.cpu_count()} threads, {platform.machine()}; time as a ratio to "
+          "TVM dense int4 (fp32 activations), ORT MatMulNBits int4 and ORT FP32 (lower is faster)")
+    print("| shape | kernel | MB read | ms | / TVM dense int4 | / ORT NBits int4 | / ORT FP32 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape, label, mb, ms, vs_dense, vs_nbits, vs_fp32 in table:
+        print(f"| {shape} | {label} | {mb:.2f} | {ms:.3f} | {vs_dense:.2f} | {vs_nbits:.2f} | {vs_fp32:.2f} |")
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
