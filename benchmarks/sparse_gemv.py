@@ -8,11 +8,12 @@ For ``1 x K @ K x N`` (default 4096x4096 and 4096x11008), on one random activati
 * ``ORT MatMulNBits int4``: ``accuracy_level=4`` (int8 activations), group 32, dense.
 * ``TVM dense int4``: the backend's dense ``int`` GEMV kernels (float activations and, on
   AVX-512 VNNI CPUs, int8 activations: the backend's default for dense layers there).
-* ``TVM sparse 2:4 int4`` / ``TVM sparse bitmask int4``: the :mod:`qcompile.backends.tvm_sparse`
-  GEMV kernels over the compact codes + metadata of a magnitude-pruned weight (float
-  activations, exact).
-* ``TVM float32 (decoded)``: the backend's float GEMV (Relax ``matmul``, its CPU schedule) on
-  the decoded weight: what the backend runs instead of the bitmask GEMV kernel.
+* ``TVM sparse 2:4 int4`` / ``TVM sparse bitmask int4 lanes|rows``: the
+  :mod:`qcompile.backends.tvm_sparse` GEMV kernels over the compact codes + metadata of a
+  magnitude-pruned weight (float activations, exact). Bitmask ``lanes``: SIMD lanes over
+  output rows, per-lane running counts (any target, any bits); ``rows``: one output row per
+  task, activations compressed through the mask with ``vcompressps`` (AVX-512, 2/4/8 bits:
+  what the backend picks there for GEMV rows).
 
 Latencies are medians measured round-robin (``interleaved_latency_ms``); the table gives each
 kernel's time as a ratio to the TVM dense int4 (float activations) kernel, to ORT
@@ -27,12 +28,10 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,7 +39,6 @@ sys.path.insert(0, str(HERE))
 from gemv import GROUP, TvmKernel, ort_fp32, ort_nbits, random_weight, tvm_cpu_kernel  # noqa: E402
 from ort_baselines import interleaved_latency_ms  # noqa: E402
 
-import qcompile  # noqa: E402
 from qcompile.backends import tvm_kernels, tvm_sparse  # noqa: E402
 from qcompile.ir.sparse import SparseWeight  # noqa: E402
 from qcompile.passes.sparsequant import quantize_sparse  # noqa: E402
@@ -58,12 +56,14 @@ def pruned(dense: np.ndarray, pattern: str) -> np.ndarray:
     return np.where(np.abs(dense) > threshold, dense, 0).astype(np.float32)
 
 
-def tvm_sparse_kernel(weight: SparseWeight, x: np.ndarray) -> tuple[TvmKernel, int]:
+def tvm_sparse_kernel(weight: SparseWeight, x: np.ndarray, rows_kernel: bool = False) -> tuple[TvmKernel, int]:
+    """The sparse GEMV: lanes over output rows (``cpu_layout``) or, ``rows_kernel``, the
+    bitmask kernel that takes one output row per task (``bitmask_row_layout``)."""
     import tvm
 
     from qcompile.backends.tvm import _llvm_target
 
-    layout = tvm_sparse.cpu_layout(weight)
+    layout = tvm_sparse.bitmask_row_layout(weight) if rows_kernel else tvm_sparse.cpu_layout(weight)
     padded = np.zeros((1, layout.x_cols), np.float32)
     padded[:, : x.shape[1]] = x
     func = tvm_sparse.qmatmul_cpu(1, layout)
@@ -71,25 +71,8 @@ def tvm_sparse_kernel(weight: SparseWeight, x: np.ndarray) -> tuple[TvmKernel, i
     return kernel, sum(a.nbytes for a in layout.arrays())
 
 
-class ArtifactKernel:
-    """A one-MatMul model compiled by the TVM backend (float weight): its Relax VM call."""
-
-    def __init__(self, weight_t: np.ndarray, folder: Path) -> None:
-        cols, rows = weight_t.shape
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "gemv",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
-                                  [numpy_helper.from_array(weight_t, "w")])
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        result = qcompile.compile(proto, passes="fold", backend="tvm", output=folder)
-        self.artifact = qcompile.load(result.path)
-
-    def run(self, _names, feeds):
-        return list(self.artifact.run(dict(feeds)).values())
-
-
-def bench_shape(cols: int, rows: int, rounds: int, rng: np.random.Generator, scratch: Path) -> list[tuple]:
-    from qcompile.backends.tvm import _llvm_target, has_vnni
+def bench_shape(cols: int, rows: int, rounds: int, rng: np.random.Generator) -> list[tuple]:
+    from qcompile.backends.tvm import _llvm_target, has_feature, has_vnni
 
     x = rng.standard_normal((1, cols)).astype(np.float32)
     dense = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
@@ -107,11 +90,11 @@ def bench_shape(cols: int, rows: int, rounds: int, rng: np.random.Generator, scr
         weight = quantize_sparse(pruned(dense, pattern), bits=4, group_size=GROUP, clip_search=1)
         assert weight.layout == ("nm" if pattern == "2:4" else "bitmask")
         kernel, nbytes = tvm_sparse_kernel(weight, x)
-        kernels.append((f"TVM sparse {pattern} int4", kernel, nbytes, weight))
-        if pattern == "bitmask":
-            decoded = np.ascontiguousarray(weight.dequantize().T)
-            kernels.append(("TVM float32 (decoded bitmask)", ArtifactKernel(decoded, scratch / f"fp32_{cols}x{rows}"),
-                            decoded.nbytes, weight))
+        kernels.append((f"TVM sparse {pattern} int4" + (" lanes" if pattern == "bitmask" else ""), kernel, nbytes,
+                        weight))
+        if pattern == "bitmask" and has_feature("avx512f", _llvm_target("cpu")):
+            kernel, nbytes = tvm_sparse_kernel(weight, x, rows_kernel=True)
+            kernels.append(("TVM sparse bitmask int4 rows", kernel, nbytes, weight))
     for label, kernel, _, weight in kernels:  # correctness before speed
         if weight is None:
             continue
@@ -138,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
     table = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for spec in args.shapes.split(","):
-            cols, rows = (int(v) for v in spec.lower().split("x"))
-            table += bench_shape(cols, rows, args.rounds, rng, Path(scratch))
+    for spec in args.shapes.split(","):
+        cols, rows = (int(v) for v in spec.lower().split("x"))
+        table += bench_shape(cols, rows, args.rounds, rng)
     print(f"sparse GEMV 1xK @ KxN, cpu, {os.cpu_count()} threads, {platform.machine()}; time as a ratio to "
           "TVM dense int4 (fp32 activations), ORT MatMulNBits int4 and ORT FP32 (lower is faster)")
     print("| shape | kernel | MB read | ms | / TVM dense int4 | / ORT NBits int4 | / ORT FP32 |")
