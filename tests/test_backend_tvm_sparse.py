@@ -142,3 +142,10 @@ def test_sparse_cuda_build(tmp_path):
                          arch="sm_90")
     assert (result.path / "model.sm_90.so").stat().st_size > 0
     assert result.manifest["layers"]["fc1"]["kernel"] == "tvm sparse decode-fused matmul 2:4 int4 (dlight)"
+
+
+def test_sparse_embedding_is_refused_in_one_line(tmp_path):
+    from qcompile.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"embed: sparse QGather \(only QMatMul\) is not supported yet"):
+        _compile(tmp_path, "prune(pattern=2:4,min_size=0,embeddings=true),quant(bits=4,min_size=0)", 1)
