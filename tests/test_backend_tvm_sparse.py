@@ -137,11 +137,15 @@ def test_sparse_arm64_build(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA artifacts are built with nvcc")
-def test_sparse_cuda_build(tmp_path):
-    result, _ = _compile(tmp_path, "prune(pattern=2:4,min_size=0),quant(bits=4,min_size=0)", 1, target="cuda",
+@pytest.mark.parametrize("prune, kernel", [
+    ("pattern=2:4", "tvm sparse decode-fused matmul 2:4 int4 (dlight)"),
+    ("sparsity=0.5", "tvm float32 matmul, sparse bitmask int4 decoded at load (no bitmask kernel on GPUs)"),
+])
+def test_sparse_cuda_build(tmp_path, prune, kernel):
+    result, _ = _compile(tmp_path, f"prune({prune},min_size=0),quant(bits=4,min_size=0)", 1, target="cuda",
                          arch="sm_90")
     assert (result.path / "model.sm_90.so").stat().st_size > 0
-    assert result.manifest["layers"]["fc1"]["kernel"] == "tvm sparse decode-fused matmul 2:4 int4 (dlight)"
+    assert result.manifest["layers"]["fc1"]["kernel"] == kernel
 
 
 def test_sparse_embedding_is_refused_in_one_line(tmp_path):
