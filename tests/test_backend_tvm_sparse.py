@@ -25,7 +25,7 @@ def _compile(tmp_path, spec, batch, **kwargs):
 
 
 @pytest.mark.parametrize("prune, bits, batch, kernel", [
-    ("pattern=2:4", 4, 1, "tvm sparse GEMV 2:4 int4"),     # 4 activation rows
+    ("pattern=2:4", 4, 1, "tvm sparse GEMV 2:4 int4"),     # 4 activation rows (vpermilps on AVX-512)
     ("pattern=2:4", 3, 3, "tvm sparse GEMM 2:4 int3"),     # 12 rows: tile decode
     ("sparsity=0.5", 4, 3, "tvm sparse GEMM bitmask int4"),
     ("sparsity=0.5", 3, 3, "tvm sparse GEMM bitmask int3"),
@@ -40,8 +40,11 @@ def test_sparse_parity_with_ir_reference(tmp_path, prune, bits, batch, kernel):
     layers = result.manifest["layers"]
     for name in sparse:
         assert layers[name]["kernel"].startswith(kernel), layers[name]["kernel"]
-        if kernel == "tvm sparse GEMV bitmask int4" and tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
-            assert layers[name]["kernel"].endswith("(cpu, one row per task, vcompressps)")
+        if tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
+            if kernel == "tvm sparse GEMV bitmask int4":
+                assert layers[name]["kernel"].endswith("(cpu, one row per task, vcompressps)")
+            if kernel == "tvm sparse GEMV 2:4 int4":
+                assert layers[name]["kernel"].endswith(" lanes, vpermilps)")
     feeds = mlp_feeds(batch, seed=bits)
     got = qcompile.load(result.path).run(feeds)["y"]
     session = make_session(ir_model)
@@ -67,6 +70,7 @@ def _sparse_weight(rng, rows, cols, bits, pattern, group_size):
     return weight
 
 
+@pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("rows_in, rows, cols, bits, pattern, group_size", [
     (1, 96, 256, 4, "2:4", 32),      # GEMV, 32 lanes
     (3, 100, 128, 3, "2:4", 0),      # GEMV, per channel, padded rows
@@ -78,16 +82,21 @@ def _sparse_weight(rng, rows, cols, bits, pattern, group_size):
     (2, 100, 130, 3, "bitmask", 16),
     (8, 64, 300, 4, "bitmask", 0),   # GEMM
 ])
-def test_sparse_cpu_kernels(rows_in, rows, cols, bits, pattern, group_size):
-    """Each CPU kernel against the dequantized weight, reading the compact codes and metadata."""
+def test_sparse_cpu_kernels(rows_in, rows, cols, bits, pattern, group_size, avx512):
+    """Each CPU kernel against the dequantized weight, reading the compact codes and metadata
+    (``avx512``: the N:M GEMV over runs of 4 picks activations with ``vpermilps``)."""
     import tvm
 
     from qcompile.backends import tvm_sparse
 
+    if avx512 and (pattern not in ("2:4", "1:4") or rows_in > 4):
+        pytest.skip("avx512 changes only the N:M GEMV over runs of 4")
+    if avx512 and not tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512")
     rng = np.random.default_rng(rows + cols + bits)
     weight = _sparse_weight(rng, rows, cols, bits, pattern, group_size)
     layout = tvm_sparse.cpu_layout(weight)
-    func = tvm_sparse.qmatmul_cpu(rows_in, layout)
+    func = tvm_sparse.qmatmul_cpu(rows_in, layout, avx512)
     module = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                          target=tvm_backend._llvm_target("cpu"))
     x = rng.standard_normal((rows_in, cols)).astype(np.float32)
