@@ -162,3 +162,22 @@ def test_sparse_embedding_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match=r"embed: sparse QGather \(only QMatMul\) is not supported yet"):
         _compile(tmp_path, "prune(pattern=2:4,min_size=0,embeddings=true),quant(bits=4,min_size=0)", 1)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("prune, shape, kernel", [
+    ("pattern=2:4", (1, 4), "tvm sparse GEMV 2:4 int4"),
+    ("sparsity=0.5", (2, 16), "tvm sparse GEMM bitmask int4"),
+])
+def test_minilm_sparse_tvm_matches_ir(tmp_path, prune, shape, kernel):
+    """MiniLM pruned + 4-bit through the sparse kernels gives the IR's outputs (ORT reference)."""
+    from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize
+    from qcompile.frontends.text import english_sentences
+
+    feeds = tokenize(minilm_path(), english_sentences(4, "eval"), max_length=shape[1])
+    result = qcompile.compile(cached_minilm_onnx(), passes=f"prune({prune}),quant(bits=4)", backend="tvm",
+                              input_shapes={name: shape for name in feeds}, output=tmp_path / "tvm",
+                              calib={k: v[: shape[0]] for k, v in feeds.items()})
+    layers = [layer for layer in result.manifest["layers"].values() if layer["op"] == "QMatMul"]
+    assert len(layers) == 36 and all(layer["kernel"].startswith(kernel) for layer in layers)
+    assert result.manifest["errors"]["artifact_vs_ir"]["last_hidden_state"]["cosine"] > 0.99999
