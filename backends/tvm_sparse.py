@@ -10,22 +10,28 @@ output row.
 * ``int.nm`` GEMV (a few activation rows): the loop runs over the compact slots only
   (``n / m`` of the weights); slot ``s`` of a lane multiplies activation
   ``(s // n) * m + offset``, picked from the run's ``m`` activations by the decoded offset
-  (``vpermilps`` for runs of 4 on AVX-512, else a select chain: vector compares and blends,
-  no gather), and scale and zero point
-  are applied once per compact group (``s * (sum x*c - z * sum x)``, ``sum x`` over the
-  activations actually picked).
+  (``vpermilps`` for runs of 4 on AVX-512, else a select chain: vector compares and
+  blends, no gather); scale and zero point are applied once per compact group
+  (``s * (sum x*c - z * sum x)``, ``sum x`` over the activations actually picked).
 * ``int.nm`` GEMM (more rows): each tile of 32 compact slots is decoded to a dense float
   tile in L1 (``m / n`` times as many columns: each dense column takes the slot whose
   offset matches) and reused by every activation row, as the dense int GEMM does.
-* ``int.bitmask``: a lane's compact value for dense column ``j`` is number
-  ``popcount(mask[:j])`` of its row, so every lane keeps its own running count and reads
-  its code at its own position (per-lane loads: the rows of a vector do not advance
-  together). Tiles of 64 columns whose mask bytes are zero for all the block's rows are
-  skipped. GEMV: the decoded value meets the activation directly; GEMM: a dense tile is
-  decoded once and reused per activation row.
+* ``int.bitmask`` GEMV on AVX-512 (2/4/8 bits, :func:`bitmask_gemv_rows`): one output row
+  per task instead of lanes: the activations are compressed through the row's mask
+  (``vcompressps``) into compact order and dotted with the row's compact codes, re-packed
+  so one vector load gives 16 consecutive slots.
+* ``int.bitmask`` otherwise (lanes over rows): a lane's compact value for dense column
+  ``j`` is number ``popcount(mask[:j])`` of its row, so every lane keeps its own running
+  count and reads its code at its own position (per-lane loads: the rows of a vector do
+  not advance together). Tiles of 64 columns whose mask bytes are zero for all the block's
+  rows are skipped. GEMV: the decoded value meets the activation directly; GEMM: a dense
+  tile is decoded once and reused per activation row.
 * generic (CUDA): ``int.nm`` as a tensor expression that decodes each dense weight from
   its run's ``n`` slots inside the reduction (dlight schedules it); ``int.bitmask`` has no
-  GPU kernel (the prefix count has no affine form) and is refused.
+  GPU kernel (the prefix count has no affine form): the backend decodes it to float.
+
+The choice between them is made by the importer (:mod:`qcompile.backends.tvm_import`),
+which knows the activation rows; ``benchmarks/sparse_gemv.py`` measures them.
 """
 
 from __future__ import annotations
