@@ -37,7 +37,7 @@ from qcompile.ir import mapped, qops
 from qcompile.ir.canonicalize import _set_input_shapes, infer_shapes
 from qcompile.ir.model import Model
 
-from . import tvm_bcq
+from . import tvm_bcq, tvm_sparse
 from . import tvm_kernels as kernels
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class ImportResult:
 
 
 SUPPORTED_FORMATS = ("int", "bcq")
+SPARSE_FORMATS = ("int.nm", "int.bitmask")  # QMatMul only (tvm_sparse)
 
 
 @dataclass
@@ -67,11 +68,16 @@ class _Layer:
     param_names: list[str]  # the format's weight inputs, in its order (qcompile.ir.formats)
     layout: Any = None  # kernels.CpuLayout / tvm_bcq.BcqCpuLayout for CPU QMatMul
     gpu_arrays: list[np.ndarray] | None = None  # GPU QMatMul weights split for dlight's GEMV rule
+    decoded: np.ndarray | None = None  # a bitmask weight on GPUs: float32 [cols, rows] (no kernel there)
 
     def kernel_arrays(self) -> list[np.ndarray]:
         """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
+        if self.decoded is not None:
+            return [self.decoded]
         if self.gpu_arrays is not None:
             return self.gpu_arrays
+        if isinstance(self.layout, (tvm_sparse.SparseCpuLayout, tvm_sparse.BitmaskRowLayout)):
+            return self.layout.arrays()
         if self.format == "bcq":
             return self.layout.arrays() if self.layout is not None else [self.weight.planes, self.weight.alphas]
         if self.layout is not None:
@@ -82,11 +88,17 @@ class _Layer:
         return self.param_names[index] if index < len(self.param_names) else f"{self.param_names[0]}.{index}"
 
 
-def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -> dict[str, _Layer]:
+def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
+                      row_gemv: frozenset[str] | set[str] = frozenset()) -> dict[str, _Layer]:
+    """The quantized nodes as the kernels take them; ``row_gemv``: bitmask nodes laid out for
+    the one-row-per-task GEMV (see :meth:`QuantizedImporter._qmatmul_sparse`)."""
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
         fmt = str(node.attrs.get("format", "int"))
-        if fmt not in SUPPORTED_FORMATS or node.attrs.get("sparse"):
+        if node.attrs.get("sparse"):
+            layers[node.name] = _sparse_layer(node, cpu, node.name in row_gemv)
+            continue
+        if fmt not in SUPPORTED_FORMATS:
             name = qops.format_name(node)
             raise UnsupportedModelError(f"backend tvm: {node.name}: format {name!r} is not supported yet "
                                         f"(supported: {', '.join(SUPPORTED_FORMATS)}; use --backend ort)")
@@ -109,6 +121,30 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False) -
     return layers
 
 
+def _sparse_layer(node: gs.Node, cpu: bool, row_gemv: bool) -> _Layer:
+    """A sparse ``int`` QMatMul: the kernels of :mod:`tvm_sparse` over the compact storage (a
+    bitmask weight on GPUs: decoded to float, no kernel there)."""
+    name = qops.format_name(node)
+    weight = qops.read_weight(node)
+    reason = None if node.op == "QMatMul" else f"{node.op} (only QMatMul)"
+    reason = reason or (None if name in SPARSE_FORMATS else f"format {name!r}")
+    reason = reason or tvm_sparse.unsupported_reason(weight)
+    if reason:
+        raise UnsupportedModelError(f"backend tvm: {node.name}: sparse {reason} is not supported yet "
+                                    "(use --backend ort)")
+    names = [tensor.name for tensor in qops.weight_inputs(node)]
+    layer = _Layer(node.name, node.op, name, weight, names)
+    if not cpu and weight.layout == "bitmask":
+        layer.decoded = np.ascontiguousarray(weight.dequantize().T)
+    elif cpu and row_gemv:
+        layer.layout = tvm_sparse.bitmask_row_layout(weight)
+    elif cpu:
+        layer.layout = tvm_sparse.cpu_layout(weight)
+    else:
+        layer.gpu_arrays = tvm_sparse.gpu_arrays(weight)
+    return layer
+
+
 class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
     """The Relax ONNX importer plus our lowering of ``qcompile`` quantized ops."""
 
@@ -123,6 +159,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         self._array_counts: dict[str, int] = {}
         self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
         self.kernel_names: dict[str, str] = {}
+        self.row_gemv: set[str] = set()  # bitmask layers seen with GEMV rows (re-imported for that kernel)
 
     # -- seams of the base importer ----------------------------------------------
 
@@ -143,6 +180,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                 self._weight_vars[(layer.node_name, index)] = var
                 self._nodes[name] = var
                 self._params[f"{layer.node_name}:{index}"] = (var, tvm.runtime.tensor(array))
+        for name in owned:  # inputs a layer's kernel arrays replace (a decoded sparse weight): never read
+            self._nodes.setdefault(name, relax.const(np.zeros(1, np.uint8)))
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         convert_map = onnx_frontend._get_convert_map()
@@ -160,6 +199,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             return super()._convert_operator(op_name, inputs, attrs, opset)
         if op_name == "QMatMul":
             lower = self._qmatmul_bcq if layer.format == "bcq" else self._qmatmul
+            lower = self._qmatmul_sparse if layer.format in SPARSE_FORMATS else lower
             return self.bb.normalize(lower(layer, inputs[0]))
         if op_name == "QGather":
             return self.bb.normalize(self._qgather(layer, inputs[1]))
@@ -209,6 +249,54 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                 col_group=weight.col_group, cols=weight.cols, primfunc_name_hint=f"qmatmul_bcq{weight.bits}"))
             self.kernel_names[layer.node_name] = (f"tvm decode-fused matmul bcq{weight.bits} {_bcq_layout(weight)} "
                                                   "(dlight)")
+        return relax.op.reshape(result, [*leading, weight.rows])
+
+    def _qmatmul_sparse(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
+        """Sparse ``int`` QMatMul (:mod:`tvm_sparse`): CPU kernels over the compact codes and
+        metadata, the N:M tensor expression for dlight (CUDA), a float matmul of the decoded
+        weight for a bitmask weight on GPUs."""
+        weight = layer.weight
+        self._check_input(layer, x)
+        flat, leading = self._flatten_rows(x, weight.cols)
+        rows = _shape(flat)[0]
+        label = f"{'bitmask' if weight.layout == 'bitmask' else weight.pattern} int{weight.bits}"
+        if layer.decoded is not None:
+            (decoded,) = self._vars(layer)
+            result = self.bb.normalize(relax.op.matmul(flat, decoded))
+            self.kernel_names[layer.node_name] = (f"tvm float32 matmul, sparse {label} decoded at load "
+                                                  "(no bitmask kernel on GPUs)")
+            return relax.op.reshape(result, [*leading, weight.rows])
+        if (self._gather and rows <= kernels.GEMV_MAX_ROWS and tvm_sparse.rows_eligible(weight)
+                and not isinstance(layer.layout, tvm_sparse.BitmaskRowLayout)):
+            self.row_gemv.add(layer.node_name)  # rows are known here only (not through QGather's shape)
+        args = self._vars(layer)
+        kind = tvm_sparse.kernel_kind(rows)
+        layout = layer.layout
+        if layout is not None:
+            if layout.x_cols != weight.cols:
+                flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, layout.x_cols - weight.cols]))
+            key = ("sparse", rows, layout.layout, weight.rows, *(a.shape for a in layout.arrays()), weight.bits,
+                   layout.group_size, getattr(layout, "n", 0), getattr(layout, "m", 0), str(args[1].ty.dtype))
+            if key not in self._kernel_cache:
+                func = tvm_sparse.qmatmul_cpu(rows, layout, self._gather)
+                self._kernel_cache[key] = self.bb.add_func(func, f"qmatmul{weight.bits}_{layout.layout}_{kind.lower()}")
+            out = relax.call_tir(self._kernel_cache[key], [flat, *args],
+                                 relax.TensorType([rows, layout.padded_rows], "float32"))
+            result = self.bb.normalize(out)
+            if layout.padded_rows != weight.rows:
+                result = self.bb.normalize(relax.op.strided_slice(result, [1], [0], [weight.rows]))
+            how = ("one row per task, vcompressps" if isinstance(layout, tvm_sparse.BitmaskRowLayout)
+                   else f"{layout.lanes} lanes")
+            if kind == "GEMV" and self._gather and isinstance(layout, tvm_sparse.SparseCpuLayout) \
+                    and tvm_sparse.permutes(layout):
+                how += ", vpermilps"
+            self.kernel_names[layer.node_name] = f"tvm sparse {kind} {label} (cpu, {how})"
+        else:
+            p = weight.placement
+            result = self.bb.normalize(self.bb.call_te(
+                tvm_sparse.qmatmul_nm_te, flat, *args, bits=weight.bits, group_size=weight.group_size, n=p.n, m=p.m,
+                cols=weight.cols, primfunc_name_hint=f"qmatmul{weight.bits}_nm"))
+            self.kernel_names[layer.node_name] = f"tvm sparse decode-fused matmul {label} (dlight)"
         return relax.op.reshape(result, [*leading, weight.rows])
 
     def _flatten_rows(self, x: relax.Expr, width: int) -> tuple[relax.Expr, list[int]]:
@@ -363,18 +451,23 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
                 f"{value.name}=DxD... (the TVM artifact is compiled for static shapes)")
         shapes[value.name] = [d.dim_value for d in dims]
         dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
-    layers = _quantized_layers(model, cpu, int8_activations)
-    importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes, bcq_gemv=bcq_gemv,
-                                 gather=gather)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
-    try:
-        module = importer.from_onnx(proto.graph, opset)
-    except UnsupportedModelError:
-        raise
-    except Exception as exc:
-        log.debug("Relax import failed", exc_info=True)
-        raise UnsupportedModelError(
-            f"backend tvm: the Relax ONNX importer failed ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'})") from None
+    row_gemv: set[str] = set()
+    while True:  # again when a bitmask layer's rows (known only while importing) call for its GEMV layout
+        layers = _quantized_layers(model, cpu, int8_activations, row_gemv)
+        importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes, bcq_gemv=bcq_gemv,
+                                     gather=gather)
+        try:
+            module = importer.from_onnx(proto.graph, opset)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            log.debug("Relax import failed", exc_info=True)
+            raise UnsupportedModelError(
+                f"backend tvm: the Relax ONNX importer failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'})") from None
+        if importer.row_gemv <= row_gemv:
+            break
+        row_gemv |= importer.row_gemv
     params = {name: value.numpy() for name, (_, value) in importer._params.items()}
     return ImportResult(module, params, list(shapes), shapes, [o.name for o in proto.graph.output], importer.kernel_names)
