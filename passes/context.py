@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +49,13 @@ class PassContext:
     executor: Executor = field(default_factory=SerialExecutor)  # per-layer work (see .executor)
     max_capture_bytes: int = 512 * 2**20
     max_capture_rows: int = 4096
-    # Drop the rows of padding tokens (attention_mask == 0) from captured activations: the
+    # Drop the rows of padding tokens (attention_mask == 0) from the Hessians X^T X: the
     # model's outputs at those positions are never used, and with short sentences padded
-    # to a fixed length they would make up most of every Hessian X^T X.
+    # to a fixed length they would make up most of every Hessian (MiniLM: 69% of the rows;
+    # 3-bit GPTQ 0.9607 -> 0.9677 without them). Captured rows (activation ranges, fold's
+    # channel maxima) keep them: measured on MiniLM W6A6 (128 calibration sentences),
+    # ranges without padding rows give 0.9317 against 0.9528 with them, and neither an
+    # output-weighted range search (0.9219) nor unclipped ranges (0.9122) do better.
     skip_padding: bool = True
 
     def rng(self, salt: str = "") -> np.random.Generator:
@@ -92,12 +97,12 @@ class PassContext:
         gram_names, row_names = set(gram_of), set(rows_of)
         grams: dict[str, tuple[np.ndarray, int, np.ndarray]] = {}
         captured: dict[str, np.ndarray] = {}
-        for chunk, parts in self._stream(model, [*gram_of, *rows_of], allow_synthetic):
+        for chunk, parts in self._stream(model, [*gram_of, *rows_of], allow_synthetic, gram_names):
             for name in chunk:
                 if name in gram_names:
-                    grams[name] = _gram(parts[name])
+                    grams[name] = _gram([rows[keep] if keep is not None else rows for rows, keep in parts[name]])
                 if name in row_names:
-                    captured[name] = self._subsample(np.concatenate(parts[name], axis=0))
+                    captured[name] = self._subsample(np.concatenate([rows for rows, _ in parts[name]], axis=0))
         return grams, captured
 
     def _subsample(self, rows: np.ndarray) -> np.ndarray:
@@ -105,15 +110,17 @@ class PassContext:
             rows = rows[np.linspace(0, rows.shape[0] - 1, self.max_capture_rows).astype(np.int64)]
         return rows.astype(np.float32, copy=False)
 
-    def _stream(self, model: Model, tensor_names: Iterable[str], allow_synthetic: bool):
-        """Yield ``(names, {name: [per-sample [rows, last_dim] arrays]})``, a few tensors at a time."""
+    def _stream(self, model: Model, tensor_names: Iterable[str], allow_synthetic: bool,
+                skip_padding_of: AbstractSet[str] = frozenset()):
+        """Yield ``(names, {name: [per sample, ([rows, last_dim] array, real-token rows or None)]})``,
+        a few tensors at a time; the real-token rows only for ``skip_padding_of`` (None: keep all)."""
         samples = self.calib or (self.synthetic_calib if allow_synthetic else None)
         if samples is None:
             return
         names = list(dict.fromkeys(tensor_names))
         for chunk in self._chunks(names, model, samples.n_samples):
             session = runtime.make_session(model, extra_outputs=chunk)
-            collected: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
+            collected: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {name: [] for name in chunk}
             for feed in samples.batches(1):
                 try:
                     values = session.run(chunk, feed)
@@ -128,8 +135,8 @@ class PassContext:
                 for name, value in zip(chunk, values, strict=True):
                     value = np.asarray(value)
                     rows = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)
-                    keep = token_rows(feed, value) if self.skip_padding else None
-                    collected[name].append(rows if keep is None else rows[keep])
+                    keep = token_rows(feed, value) if self.skip_padding and name in skip_padding_of else None
+                    collected[name].append((rows, keep))
             yield chunk, collected
 
     @property
