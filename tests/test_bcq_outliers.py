@@ -164,3 +164,18 @@ def test_tvm_backend_refuses_bcq_outliers_in_one_line(tmp_path):
                          input_shapes={"ids": (1, 4)}, calib={"ids": mlp_feeds(8, seed=7)["ids"]},
                          output=tmp_path / "out")
     assert "\n" not in str(info.value)
+
+
+def test_bits_max_mb_counts_the_outlier_corrections():
+    """The same byte budget leaves fewer plane bits when outliers' corrections are counted."""
+    model = canonicalize(Model.from_proto(mlp_model()))
+    calib = random_calibration(model, 4)
+    averages = {}
+    for fraction in (0.0, 0.1):
+        manager = PassManager(registry.parse_pipeline(f"bits(max_mb=0.03,outliers={fraction},min_size=0)"),
+                              eval_samples=calib)
+        _, (record,) = manager.run(model.copy(), PassContext(calib=calib))
+        plan = record.stats["plan"]
+        averages[fraction] = plan["average_bits"]
+    # 37888 weights: 4 bits everywhere fit 0.03 MB, but not next to 3696 corrections of 32 bits
+    assert averages[0.0] == 4 and averages[0.1] <= (0.03 * 8e6 - 3696 * 32) / 37888
