@@ -66,7 +66,7 @@ class Bits(Pass):
     score: str = option("output", "output = measured layer-output error of a quick BCQ fit; paper = "
                         "ShiftAddLLM's ||IS||_F*std(IS)^2 x 4^-bits", choices=("output", "paper"))
     group_size: int = option(128, "quick fit: columns per alpha", choices=(32, 64, 128))
-    outliers: float = option(0.01, "fraction of each row the later shiftadd keeps as sparse corrections (its "
+    outliers: float = option(0.015, "fraction of each row the later shiftadd keeps as sparse corrections (its "
                              "outliers; 0 = none): in the quick fit, and in max_mb at 4 bytes each",
                              min=0.0, max=0.25)
     plan: str = option("", "apply this JSON plan file instead of measuring (e.g. one saved from an earlier run)")

@@ -62,12 +62,12 @@ class ShiftAdd(Pass):
     apot_terms: int = option(3, "powers of two per alpha", min=1, max=4)
     layout: str = option("column", "column = alphas per input column (most accurate); block = 8 consecutive "
                          "input columns share them (the lookup-table kernel's layout)", choices=("column", "block"))
-    group_size: int = option(64, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
+    group_size: int = option(128, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
     table_group: int = option(128, "embedding tables and Conv: columns sharing one alpha (row-wise layout)",
                               choices=(8, 16, 32, 64, 128, 256))
     rounds: int = option(5, "alternating least-squares rounds per group (alphas, APoT rounding, codes)",
                          min=0, max=200)
-    outliers: float = option(0.01, "fraction of each row's weights kept out of the BCQ fit and stored as sparse "
+    outliers: float = option(0.015, "fraction of each row's weights kept out of the BCQ fit and stored as sparse "
                              "power-of-two corrections (format bcq_outliers; 0 = plain bcq)", min=0.0, max=0.25)
     outlier_terms: int = option(2, "powers of two per outlier correction", min=1, max=4)
     damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
