@@ -59,7 +59,8 @@ def small_model(arch: str, out: Path, rows: list[tuple], build_only: bool = Fals
 
     ok = True
     specs = {"int4": "quant(bits=4,min_size=0)", "int3": "quant(bits=3,min_size=0)",
-             "bcq3 column": "shiftadd(bits=3,min_size=0)", "bcq2 block": "shiftadd(bits=2,layout=block,min_size=0)"}
+             "bcq3 column": "shiftadd(bits=3,min_size=0,outliers=0)",
+             "bcq2 block": "shiftadd(bits=2,layout=block,min_size=0,outliers=0)"}
     for name, spec in specs.items():
         slug = name.replace(" ", "_")
         progress(f"small model {name}: build for {arch}")

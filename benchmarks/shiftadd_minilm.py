@@ -95,7 +95,7 @@ def main() -> int:
 
 def _energy(result) -> str:
     """Linear layers' energy per token vs FP32 and FP16 (shift-add settings only)."""
-    if not any(layer["format"] == "bcq" for layer in result.manifest["layers"].values()):
+    if not any(layer["format"] in ("bcq", "bcq_outliers") for layer in result.manifest["layers"].values()):
         return "- | -"
     estimate = model_energy(io.load(Path(result.path) / result.manifest["backend"]["model_file"]))
     return f"{estimate['ratio']:.3f} | {estimate['ratio_fp16']:.3f}"

@@ -12,6 +12,8 @@ with Horowitz's 45 nm figures. A ``bcq`` layer runs as the lookup-table computat
   plane (``K * terms`` shifts, ``K * (terms-1)`` adds), then tables for each (row group,
   plane), look-ups and accumulation as above.
 
+A ``bcq_outliers`` layer adds, per stored correction, ``terms`` shifts and ``terms`` FP16 adds.
+
 A look-up is one 8-bit table read (0.37 pJ) standing for the 8 multiply-adds of its block.
 Float MatMul layers cost ``K * N`` FP32 multiply-adds; ``int`` layers ``K * N`` FP16
 multiply-adds (dequantize then multiply). Attention's activation-activation products and
@@ -27,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from . import qops
 from .bcq import BCQWeight
+from .bcq_outliers import BCQOutlierWeight
 from .model import Model
 
 PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "fp16_mul": 0.9, "fp16_add": 0.4, "int16_shift": 0.057, "lut8": 0.37}
@@ -56,8 +59,11 @@ def dense_operations(rows: int, cols: int, precision: str = "fp32") -> Operation
     return Operations(**{f"{precision}_mul": macs, f"{precision}_add": macs})
 
 
-def bcq_operations(weight: BCQWeight) -> Operations:
+def bcq_operations(weight: BCQWeight | BCQOutlierWeight) -> Operations:
     """The lookup-table computation's operations per token (see the module docstring)."""
+    if isinstance(weight, BCQOutlierWeight):
+        corrections = float(weight.nnz) * weight.outlier_values.shape[2]
+        return bcq_operations(weight.dense) + Operations(fp16_add=corrections, int16_shift=corrections)
     rows, cols, bits, terms = weight.rows, weight.cols, weight.bits, weight.terms
     blocks = -(-cols // 8)
     lookups = float(rows) * bits * blocks
@@ -89,7 +95,7 @@ def model_energy(model: Model) -> dict:
         if qops.is_quantized(node) and node.op == "QMatMul":
             weight = qops.read_weight(node)
             shape = (weight.rows, weight.cols)
-            actual += bcq_operations(weight) if isinstance(weight, BCQWeight) else dense_operations(*shape, "fp16")
+            actual += bcq_operations(weight) if isinstance(weight, BCQWeight | BCQOutlierWeight) else dense_operations(*shape, "fp16")
         else:
             found = _float_weight(node)
             if found is None:

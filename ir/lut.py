@@ -23,6 +23,10 @@ sums are exactly representable (e.g. small integers, float64) it is bit-for-bit 
 ``X @ W^T`` of the dequantized weight, because then no addition rounds in either order.
 For general float32 activations the two differ only by float round-off of reordered
 sums (bounded by ``K * eps * sum |alpha| |x|`` per output).
+
+``bcq_outliers`` weights (:mod:`qcompile.ir.bcq_outliers`): the table computation of the
+``bcq`` part, then each row's ``k`` sparse corrections, ``x[col] * S`` by shifts and adds
+(:func:`shift_add`), added to the row's output.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bcq import EXPONENT_BIAS, BCQWeight
+from .bcq_outliers import BCQOutlierWeight
 
 BLOCK = 8
 
@@ -61,8 +66,16 @@ def shift_add(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def lut_matmul(activations: np.ndarray, weight: BCQWeight, dtype: type = np.float32) -> np.ndarray:
+def lut_matmul(activations: np.ndarray, weight: BCQWeight | BCQOutlierWeight, dtype: type = np.float32
+               ) -> np.ndarray:
     """``activations @ W^T`` for ``[M, K]`` activations (``K = weight.cols``): ``[M, rows]``."""
+    if isinstance(weight, BCQOutlierWeight):
+        dense = lut_matmul(activations, weight.dense, dtype)
+        x_sparse: np.ndarray = np.asarray(activations, dtype)[:, weight.outlier_cols.astype(np.intp)]  # [M, R, k]
+        corrections = shift_add(x_sparse, weight.outlier_values[None])  # [M, R, k]
+        for slot in range(weight.per_row):
+            dense = dense + corrections[..., slot]
+        return dense
     x: np.ndarray = np.asarray(activations, dtype)
     tokens, cols = x.shape
     if cols != weight.cols:
@@ -95,6 +108,6 @@ def lut_matmul(activations: np.ndarray, weight: BCQWeight, dtype: type = np.floa
     return result
 
 
-def dense_matmul(activations: np.ndarray, weight: BCQWeight, dtype: type = np.float32) -> np.ndarray:
+def dense_matmul(activations: np.ndarray, weight: BCQWeight | BCQOutlierWeight, dtype: type = np.float32) -> np.ndarray:
     """The dequantize-and-MatMul reference the table computation must equal."""
     return np.asarray(activations, dtype) @ weight.dequantize().astype(dtype).T

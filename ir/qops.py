@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from . import bcq, cluster, qformat  # noqa: F401  (register their formats)
+from . import bcq, bcq_outliers, cluster, qformat  # noqa: F401  (register their formats)
 from .formats import FunctionBody, Weight, WeightFormat, format_named, format_of
 from .sparse import registry_name, sparse_format
 

@@ -14,7 +14,9 @@ any number of groups at once:
    best ones for the alphas that will be stored. The best state of any round is kept.
 
 Group weights (e.g. ``1 / [H^-1]_jj`` per column, or 0 on padding) make the fit minimise
-the weighted error. Cost per round is ``O(n * 2^bits)`` per group: linear in the weights.
+the weighted error. With ``outliers`` (a fraction of each row), the most salient weights get
+weight 0 in their group's fit and are stored as sparse APoT corrections
+(:mod:`qcompile.ir.bcq_outliers`). Cost per round is ``O(n * 2^bits)`` per group: linear in the weights.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompile.ir.bcq import MAX_EXPONENT, MIN_EXPONENT, BCQWeight, encode_terms, from_signs
+from qcompile.ir.bcq import (
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    BCQWeight,
+    decode_alphas,
+    encode_terms,
+    from_signs,
+)
+from qcompile.ir.bcq_outliers import BCQOutlierWeight, with_outliers
 
 from .gptq import inverse_hessian_factor, prepare_hessian, walk_columns
 
@@ -208,13 +218,65 @@ def _sorted_planes(fit: BCQFit) -> BCQFit:
                   np.take_along_axis(fit.raw, order, axis=1), fit.error, fit.terms)
 
 
+def outliers_per_row(fraction: float, cols: int) -> int:
+    """Corrections per row for an outlier ``fraction``: ``round(fraction * cols)``, at least 1
+    when ``fraction > 0``, at most ``cols``."""
+    return 0 if fraction <= 0 else int(min(cols, max(1, round(fraction * cols))))
+
+
+def top_per_row(score: np.ndarray, count: int) -> np.ndarray:
+    """bool ``[rows, cols]``: the ``count`` largest scores of every row (ties to the lower column)."""
+    mask = np.zeros(score.shape, bool)
+    if count > 0:
+        chosen = np.argsort(-score, axis=1, kind="stable")[:, :count]
+        np.put_along_axis(mask, chosen, True, axis=1)
+    return mask
+
+
+def _group_rms(matrix: np.ndarray, row_group: int, col_group: int) -> np.ndarray:
+    """``[rows, cols]``: the rms of each weight's (``row_group`` x ``col_group``) tile."""
+    rows, cols = matrix.shape
+    padded = np.zeros((-(-rows // row_group) * row_group, -(-cols // col_group) * col_group))
+    padded[:rows, :cols] = np.square(matrix)
+    tiles = padded.reshape(padded.shape[0] // row_group, row_group, -1, col_group)
+    counts = np.zeros_like(padded)
+    counts[:rows, :cols] = 1.0
+    count = counts.reshape(tiles.shape).sum((1, 3))
+    rms = np.sqrt(tiles.sum((1, 3)) / np.maximum(count, 1.0))
+    return np.repeat(np.repeat(rms, row_group, 0), col_group, 1)[:rows, :cols]
+
+
+def _corrections(residual: np.ndarray, terms: int, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """APoT term codes ``[..., terms]`` of ``residual`` and the exact values they decode to.
+
+    Terms are dropped from the smallest while ``base + correction`` would not be exact in
+    float32 (a correction below the float32 resolution of the weight it corrects), so the
+    float32 weight is exactly the dense part plus the correction, as the shift-add
+    computation (:mod:`qcompile.ir.lut`) sums them.
+    """
+    codes = apot_codes(residual, terms)
+    keep = np.zeros(residual.shape, np.int64)
+    for count in range(1, terms + 1):  # greedy APoT terms come largest first
+        head = codes.copy()
+        head[..., count:] = 0
+        total = base + decode_alphas(head).astype(np.float64)
+        keep = np.where(total.astype(np.float32).astype(np.float64) == total, count, keep)
+    codes[np.arange(terms) >= keep[..., None]] = 0
+    return codes, decode_alphas(codes).astype(np.float64)
+
+
 def bcq_rowwise(matrix: np.ndarray, bits: int, *, terms: int = 3, col_group: int = 128, rounds: int = 5,
-                importance: np.ndarray | None = None, row_chunk: int = 4096) -> BCQWeight:
+                importance: np.ndarray | None = None, row_chunk: int = 4096,
+                outliers: float = 0.0, outlier_terms: int | None = None) -> BCQWeight | BCQOutlierWeight:
     """Row-wise BCQ of ``[rows, cols]``: alphas per row and group of ``col_group`` columns.
 
     For layers without a Hessian (embedding tables, Conv): each group is fitted on its own,
     its error weighted per column by ``importance`` (e.g. the inputs' mean square) if given.
+    ``outliers``: the fraction of each row kept out of the fit (largest ``|w| / rms(group)``,
+    times ``sqrt(importance)``) and corrected sparsely, each correction an APoT value of
+    ``outlier_terms`` terms (default ``terms``).
     """
+    outlier_terms = terms if outlier_terms is None else outlier_terms
     matrix = np.asarray(matrix, np.float64)
     rows, cols = matrix.shape
     col_group = min(col_group, cols) if col_group > 0 else cols
@@ -222,23 +284,42 @@ def bcq_rowwise(matrix: np.ndarray, bits: int, *, terms: int = 3, col_group: int
     padded = n_groups * col_group
     column_weight = np.zeros(padded)
     column_weight[:cols] = 1.0 if importance is None else np.maximum(np.asarray(importance, np.float64), 0) + 1e-12
+    per_row = outliers_per_row(outliers, cols)
     signs = np.empty((rows, bits, cols), bool)
     codes = np.empty((rows, n_groups, bits, terms), np.int8)
+    mask = np.zeros((rows, cols), bool)
+    outlier_codes = np.zeros((rows, cols, outlier_terms), np.int8) if per_row else None
     for first in range(0, rows, row_chunk):
         part = matrix[first : first + row_chunk]
         values = np.zeros((part.shape[0], padded))
         values[:, :cols] = part
-        fit = fit_bcq(values.reshape(-1, col_group), bits, terms=terms, rounds=rounds,
-                      weights=np.tile(column_weight.reshape(n_groups, col_group), (part.shape[0], 1)))
+        weights = np.tile(column_weight.reshape(n_groups, col_group), (part.shape[0], 1))
+        if per_row:
+            score = np.abs(part) / np.maximum(_group_rms(part, 1, col_group), 1e-30)
+            if importance is not None:
+                score = score * np.sqrt(column_weight[:cols])
+            chunk_mask = top_per_row(score, per_row)
+            mask[first : first + row_chunk] = chunk_mask
+            inliers = np.ones((part.shape[0], padded))
+            inliers[:, :cols] = ~chunk_mask
+            weights = weights * inliers.reshape(-1, col_group)
+        fit = fit_bcq(values.reshape(-1, col_group), bits, terms=terms, rounds=rounds, weights=weights)
         chunk_signs = fit.signs.reshape(part.shape[0], padded, bits).transpose(0, 2, 1)
         signs[first : first + row_chunk] = chunk_signs[:, :, :cols]
         codes[first : first + row_chunk] = fit.codes.reshape(part.shape[0], n_groups, bits, terms)
-    return from_signs(signs, codes, 1, col_group)
+        if outlier_codes is not None:
+            recon = reconstruct(fit.signs, fit.alphas).reshape(part.shape[0], padded)[:, :cols]
+            chunk_codes, _ = _corrections(np.where(mask[first : first + row_chunk], part - recon, 0.0),
+                                          outlier_terms, recon)
+            outlier_codes[first : first + row_chunk] = chunk_codes
+    dense = from_signs(signs, codes, 1, col_group)
+    return dense if outlier_codes is None else with_outliers(dense, mask, outlier_codes)
 
 
 def bcq_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, *, terms: int = 3, layout: str = "column",
              group_size: int = 128, rounds: int = 5, damp: float = 0.01, act_order: bool = True,
-             block_size: int = 128, row_chunk: int = 2048) -> BCQWeight:
+             block_size: int = 128, row_chunk: int = 2048, outliers: float = 0.0,
+             outlier_terms: int | None = None) -> BCQWeight | BCQOutlierWeight:
     """ShiftAddLLM's multi-objective fit: BCQ inside the GPTQ column walk.
 
     ``layout="column"``: each input column gets its own alphas per group of ``group_size``
@@ -248,7 +329,15 @@ def bcq_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, *, terms: int =
     (each column's error weighted by ``1 / [H^-1]_jj``, its cost in GPTQ's objective), then
     every column of the block gets the nearest codes for them after compensation. With
     ``act_order`` the walk visits columns (blocks) by decreasing input energy.
+
+    ``outliers``: the fraction of each row chosen before the walk by
+    ``|w| / rms(alpha group) / U_jj`` (the weight's size in its group, and its column's cost
+    in GPTQ's objective); they get weight 0 in their group's alpha fit, keep the codes
+    nearest to them, and what those miss after compensation is stored as an APoT correction
+    (its rounding error is fed forward like any other), of ``outlier_terms`` powers of two
+    (default ``terms``).
     """
+    outlier_terms = terms if outlier_terms is None else outlier_terms
     weight, hessian = prepare_hessian(weight, hessian)
     rows, cols = weight.shape
     col_group = 8 if layout == "block" else 1
@@ -264,22 +353,39 @@ def bcq_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, *, terms: int =
     factor = inverse_hessian_factor(hessian[np.ix_(order, order)], damp)
     column_weight = 1.0 / np.square(np.diag(factor))
     column_weight[order >= cols] = 0.0
+    per_row = outliers_per_row(outliers, cols)
+    mask = None
+    if per_row:
+        walked = weight[:, order]
+        score = np.abs(walked) / np.maximum(_group_rms(walked, row_group, col_group), 1e-30) / np.diag(factor)
+        score[:, order >= cols] = -np.inf
+        mask = top_per_row(score, per_row)  # walk order
     signs = np.zeros((rows, bits, padded_cols), bool)
     codes = np.zeros((-(-rows // row_group), padded_cols // col_group, bits, terms), np.int8)
+    outlier_codes = np.zeros((rows, padded_cols, outlier_terms), np.int8) if per_row else None
     row_chunk = max(row_group, row_chunk // row_group * row_group)
     for first in range(0, rows, row_chunk):
         last = min(first + row_chunk, rows)
-        walker = _ColumnFitter(bits, terms, rounds, row_group, col_group, last - first, column_weight)
+        walker = _ColumnFitter(bits, terms, rounds, row_group, col_group, last - first, column_weight,
+                               None if mask is None else mask[first:last], outlier_terms)
         walk_columns(weight[first:last][:, order], factor, walker, block_size)
         signs[first:last][:, :, order] = walker.signs
         codes[first // row_group : -(-last // row_group)][:, block_order] = walker.codes
-    return from_signs(signs[:, :, :cols], codes, row_group, col_group)
+        if outlier_codes is not None:
+            outlier_codes[first:last][:, order] = walker.outlier_codes
+    dense = from_signs(signs[:, :, :cols], codes, row_group, col_group)
+    if mask is None or outlier_codes is None:
+        return dense
+    dense_mask = np.zeros((rows, padded_cols), bool)
+    dense_mask[:, order] = mask
+    return with_outliers(dense, dense_mask[:, :cols], outlier_codes[:, :cols])
 
 
 class _ColumnFitter:
     """The column quantizer of :func:`bcq_gptq` for one chunk of rows (walk order)."""
 
-    def __init__(self, bits, terms, rounds, row_group, col_group, rows, column_weight):
+    def __init__(self, bits, terms, rounds, row_group, col_group, rows, column_weight, outliers=None,
+                 outlier_terms=None):
         self.bits, self.terms, self.rounds = bits, terms, rounds
         self.row_group, self.col_group, self.rows = row_group, col_group, rows
         self.groups = -(-rows // row_group)
@@ -289,6 +395,9 @@ class _ColumnFitter:
         self.signs = np.zeros((rows, bits, cols), bool)
         self.codes = np.zeros((self.groups, cols // col_group, bits, terms), np.int8)
         self.alphas = np.zeros((self.groups, bits))
+        self.outliers = outliers  # bool [rows, cols] in walk order, or None
+        self.outlier_terms = terms if outlier_terms is None else outlier_terms
+        self.outlier_codes = np.zeros((rows, cols, self.outlier_terms), np.int8) if outliers is not None else None
 
     def _grouped(self, values: np.ndarray) -> np.ndarray:
         """``[rows, k]`` to ``[groups, row_group * k]`` (zero rows pad the last group)."""
@@ -299,17 +408,32 @@ class _ColumnFitter:
     def __call__(self, column: int, pending: np.ndarray) -> np.ndarray:
         width = self.col_group
         if column % width == 0:
-            weights = self.row_mask[:, :, None] * self.column_weight[None, None, column : column + width]
+            weights = (self.row_mask[:, :, None] * self.column_weight[None, None, column : column + width]).reshape(
+                self.groups, -1)
+            if self.outliers is not None:
+                weights = weights * (1.0 - self._grouped(self.outliers[:, column : column + width]))
             fit = fit_bcq(self._grouped(pending[:, :width]), self.bits, terms=self.terms, rounds=self.rounds,
-                          weights=weights.reshape(self.groups, -1))
+                          weights=weights)
             self.alphas = fit.alphas
             self.codes[:, column // width] = fit.codes
             if width == 1:
-                return self._store(column, fit.signs)
+                return self._corrected(column, pending[:, 0], self._store(column, fit.signs))
         values = self._grouped(pending[:, :1])
-        return self._store(column, nearest_codes(values, self.alphas))
+        return self._corrected(column, pending[:, 0], self._store(column, nearest_codes(values, self.alphas)))
 
     def _store(self, column: int, signs: np.ndarray) -> np.ndarray:
         """Record the codes ``[groups, row_group, bits]`` of ``column``; return its values ``[rows]``."""
         self.signs[:, :, column] = signs.reshape(-1, self.bits)[: self.rows]
         return reconstruct(signs, self.alphas).reshape(-1)[: self.rows]
+
+    def _corrected(self, column: int, target: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``values`` plus the APoT corrections of the column's outliers (recorded)."""
+        if self.outliers is None or self.outlier_codes is None:
+            return values
+        rows = np.flatnonzero(self.outliers[:, column])
+        if rows.size:
+            codes, corrections = _corrections(target[rows] - values[rows], self.outlier_terms, values[rows])
+            self.outlier_codes[rows, column] = codes
+            values = values.copy()
+            values[rows] += corrections
+        return values

@@ -6,12 +6,17 @@ recommend: for every layer the later passes would rewrite and every candidate wi
 ``min sum_i C[i, b_i]`` s.t. ``sum_i n_i b_i <= avg * sum_i n_i`` (or the layers' bytes
 ``<= max_mb``), solved exactly (:mod:`qcompile.passes.knapsack`). Costs (``score``):
 
-* ``output`` (default): the layer-output error of a quick BCQ fit at ``b`` bits, relative
+* ``output`` (default): the layer-output error of a quick BCQ fit at ``b`` bits (with
+  ``outliers`` kept as sparse corrections, as ``shiftadd`` stores them), relative
   to the output's energy, exact over every calibration row from ``X^T X``
   (as ``passes/layers.output_error``); embedding tables: the relative weight error (their
   output is the rows themselves);
 * ``paper``: ShiftAddLLM's ``||IS||_F * std(IS)^2`` with ``IS = W / diag(chol(H^-1))``
   (column-wise), times ``4^-b`` (the noise power of ``b`` bits relative to 0 bits).
+
+``avg`` counts the planes' bits only; ``max_mb`` also counts the bytes of the sparse
+corrections ``shiftadd`` adds with ``outliers`` (the same in every width, so they shrink the
+budget left for the planes).
 
 Plan/apply: the plan (JSON) goes to the model's metadata ``qcompile.bits_plan``
 (:mod:`qcompile.passes.plan`) and to the pass stats (so to the manifest); ``plan=FILE``
@@ -35,7 +40,7 @@ from qcompile.ir.model import Model
 
 from . import knapsack
 from .base import Pass, PassResult, option
-from .bcqfit import bcq_rowwise
+from .bcqfit import bcq_rowwise, outliers_per_row
 from .context import PassContext
 from .gptq import inverse_hessian_factor, prepare_hessian
 from .layers import layer_matrix, select_layers
@@ -44,6 +49,7 @@ from .plan import check_plan, read_plan, write_plan
 log = logging.getLogger(__name__)
 
 SAMPLED_TABLE_ROWS = 4096  # rows of an embedding table fitted to estimate its error
+CORRECTION_BITS = 32  # one shiftadd outlier correction: a 16-bit column and two 8-bit APoT terms
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,15 @@ class Bits(Pass):
     summary: ClassVar[str] = "mixed-precision plan: per-layer bits by an exact knapsack over measured errors"
 
     avg: float = option(0.0, "parameter-weighted average bits budget (0 = none)", min=0.0, max=8.0)
-    max_mb: float = option(0.0, "budget for the planned layers' packed bits (bits x weights / 8; alphas and "
-                           "scales not counted), in MB of 10^6 (0 = none)", min=0.0)
+    max_mb: float = option(0.0, "budget for the planned layers' packed bits (bits x weights / 8, plus the "
+                           "outlier corrections; alphas and scales not counted), in MB of 10^6 (0 = none)", min=0.0)
     candidates: tuple[str, ...] = option(("2", "3", "4"), "bit widths to choose from, separated by |")
     score: str = option("output", "output = measured layer-output error of a quick BCQ fit; paper = "
                         "ShiftAddLLM's ||IS||_F*std(IS)^2 x 4^-bits", choices=("output", "paper"))
     group_size: int = option(128, "quick fit: columns per alpha", choices=(32, 64, 128))
+    outliers: float = option(0.015, "fraction of each row the later shiftadd keeps as sparse corrections (its "
+                             "outliers; 0 = none): in the quick fit, and in max_mb at 4 bytes each",
+                             min=0.0, max=0.25)
     plan: str = option("", "apply this JSON plan file instead of measuring (e.g. one saved from an earlier run)")
     embeddings: bool = option(True, "plan Gather embedding tables too")
     skip: tuple[str, ...] = option((), "node-name glob patterns left out of the plan, separated by |")
@@ -123,16 +132,18 @@ class Bits(Pass):
         ctx.progress.start(f"{self.name}: layers", len(nodes))
         costs: dict[str, dict[int, float]] = {}
         params: dict[str, int] = {}
+        corrections = 0
         for node in nodes:
             matrix, _, _ = layer_matrix(node)
             gram_rows = grams.get(node.inputs[0].name)
             gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
             costs[node.name] = self._costs(node.name, matrix, gram, ctx)
             params[node.name] = int(matrix.size)
+            corrections += matrix.shape[0] * outliers_per_row(self.outliers, matrix.shape[1])
             ctx.progress.advance()
         names = list(costs)
         widths = self.widths
-        budget_bits = self._budget_bits(params)
+        budget_bits = self._budget_bits(params, corrections * CORRECTION_BITS)
         solution = knapsack.solve([[costs[n][b] for b in widths] for n in names],
                                   [[params[n] * b for b in widths] for n in names], budget_bits)
         if solution is None:
@@ -152,14 +163,15 @@ class Bits(Pass):
             "skipped": skipped,
         }
 
-    def _budget_bits(self, params: dict[str, int]) -> int:
-        """The budget in parameter-bits (``max_mb`` counts the packed bits of the layers)."""
+    def _budget_bits(self, params: dict[str, int], correction_bits: int = 0) -> int:
+        """The budget in parameter-bits (``max_mb`` counts the packed bits of the layers and
+        ``correction_bits``, the outliers' sparse corrections)."""
         total = sum(params.values())
         limits = []
         if self.avg:
             limits.append(int(np.floor(self.avg * total + 1e-6)))
         if self.max_mb:
-            limits.append(int(self.max_mb * 1e6 * 8))
+            limits.append(int(self.max_mb * 1e6 * 8) - correction_bits)
         return min(limits)
 
     def _budget_text(self) -> str:
@@ -174,7 +186,8 @@ class Bits(Pass):
         costs = {}
         importance = np.diag(gram) if gram is not None else None
         for bits in self.widths:
-            recon = bcq_rowwise(matrix, bits, col_group=self.group_size, rounds=1, importance=importance).dequantize()
+            recon = bcq_rowwise(matrix, bits, col_group=self.group_size, rounds=1, importance=importance,
+                                outliers=self.outliers, outlier_terms=2).dequantize()
             costs[bits] = relative_output_error(matrix, recon, gram)
         return costs
 

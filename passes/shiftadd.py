@@ -14,6 +14,11 @@ binary planes and alphas that are sums of at most ``apot_terms`` powers of two
   columns), the only layout ``QGather`` can index; Conv's columns weighted by the inputs'
   energy when it is known.
 
+* Outliers (``outliers``, a fraction of each row; dense-and-sparse as in SqueezeLLM): the
+  most salient weights are kept out of their group's fit and stored as sparse corrections
+  that are themselves sums of ``outlier_terms`` powers of two (format ``bcq_outliers``,
+  :mod:`qcompile.ir.bcq_outliers`), so the model stays multiplication-free.
+
 Per-layer bits come from a ``bits`` plan when one precedes (:mod:`qcompile.passes.plan`).
 Lossy; stats report per layer the weight SQNR and the exact output SQNR and cosine over
 every calibration row. Needs calibration data (the layer Hessians ``X^T X``).
@@ -32,6 +37,7 @@ import onnx_graphsurgeon as gs
 from qcompile.errors import UsageError
 from qcompile.ir import qops
 from qcompile.ir.bcq import BCQWeight
+from qcompile.ir.bcq_outliers import BCQOutlierWeight
 from qcompile.ir.model import Model
 
 from .base import Pass, PassResult, option
@@ -56,11 +62,14 @@ class ShiftAdd(Pass):
     apot_terms: int = option(3, "powers of two per alpha", min=1, max=4)
     layout: str = option("column", "column = alphas per input column (most accurate); block = 8 consecutive "
                          "input columns share them (the lookup-table kernel's layout)", choices=("column", "block"))
-    group_size: int = option(64, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
+    group_size: int = option(128, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
     table_group: int = option(128, "embedding tables and Conv: columns sharing one alpha (row-wise layout)",
                               choices=(8, 16, 32, 64, 128, 256))
     rounds: int = option(5, "alternating least-squares rounds per group (alphas, APoT rounding, codes)",
                          min=0, max=200)
+    outliers: float = option(0.015, "fraction of each row's weights kept out of the BCQ fit and stored as sparse "
+                             "power-of-two corrections (format bcq_outliers; 0 = plain bcq)", min=0.0, max=0.25)
+    outlier_terms: int = option(2, "powers of two per outlier correction", min=1, max=4)
     damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     act_order: bool = option(True, "walk the columns (blocks) with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
@@ -90,6 +99,7 @@ class ShiftAdd(Pass):
             "quantized": len(layers),
             "weight_bytes": sum(w.nbytes for w in weights),
             "bits_per_weight": round(8 * sum(w.nbytes for w in weights) / params, 3) if params else None,
+            "outliers": sum(w.nnz for w in weights if isinstance(w, BCQOutlierWeight)),
             "plan": "model metadata" if plan is not None else None,
         }
         return PassResult(bool(candidates), stats)
@@ -102,7 +112,7 @@ class ShiftAdd(Pass):
     # -- rewriting -----------------------------------------------------------------------
 
     def _fit_all(self, candidates: list[gs.Node], plan, grams: dict, ctx: PassContext
-                 ) -> dict[tuple, tuple[BCQWeight, list[gs.Constant]]]:
+                 ) -> dict[tuple, tuple[BCQWeight | BCQOutlierWeight, list[gs.Constant]]]:
         """Every distinct (weight, bits) fitted through ``ctx.executor`` (float weights read one per item)."""
         first: dict[tuple, gs.Node] = {}
         for node in candidates:
@@ -120,14 +130,17 @@ class ShiftAdd(Pass):
                     prefixes[(key, bits)] if bits == self.bits else f"{prefixes[(key, bits)]}.b{bits}", weight))
                 for (key, bits), weight in zip(first, fitted, strict=True)}
 
-    def fit(self, node: gs.Node | str, matrix: np.ndarray, bits: int, gram: np.ndarray | None) -> BCQWeight:
-        """The ``bcq`` weight of one layer's matrix ``[rows, cols]`` (``node``: the layer or its op type)."""
+    def fit(self, node: gs.Node | str, matrix: np.ndarray, bits: int, gram: np.ndarray | None
+            ) -> BCQWeight | BCQOutlierWeight:
+        """The ``bcq`` (``bcq_outliers``) weight of one layer's matrix ``[rows, cols]`` (``node``: the
+        layer or its op type)."""
         if (node if isinstance(node, str) else node.op) in ("MatMul", "Gemm"):
             hessian = gram if gram is not None else np.eye(matrix.shape[1])
             return bcq_gptq(matrix, hessian, bits, terms=self.apot_terms, layout=self.layout,
                             group_size=self.group_size, rounds=self.rounds, damp=self.damp,
-                            act_order=self.act_order)
-        return bcq_rowwise(matrix, bits, terms=self.apot_terms, col_group=self.table_group, rounds=self.rounds)
+                            act_order=self.act_order, outliers=self.outliers, outlier_terms=self.outlier_terms)
+        return bcq_rowwise(matrix, bits, terms=self.apot_terms, col_group=self.table_group, rounds=self.rounds,
+                           outliers=self.outliers, outlier_terms=self.outlier_terms)
 
     def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, gram_rows: tuple | None) -> dict:
         matrix, key, prefix = layer_matrix(node)
@@ -140,10 +153,13 @@ class ShiftAdd(Pass):
         rewrite(model, node, fitted, constants, self.name)
         stats = layer_stats(node.op, matrix, fitted, gram)
         stats.update(layout=self.layout if node.op in ("MatMul", "Gemm") else "row", apot_terms=self.apot_terms)
+        if isinstance(fitted, BCQOutlierWeight):
+            stats.update(outliers=fitted.nnz, outlier_bytes=int(fitted.outlier_cols.nbytes + fitted.outlier_values.nbytes))
         return stats
 
 
-def _fit_item(shiftadd: ShiftAdd, item: tuple[str, np.ndarray, int, np.ndarray | None]) -> BCQWeight:
+def _fit_item(shiftadd: ShiftAdd, item: tuple[str, np.ndarray, int, np.ndarray | None]
+              ) -> BCQWeight | BCQOutlierWeight:
     """One work item of :meth:`ShiftAdd._fit_all` (module level: executors pickle it)."""
     op, matrix, bits, gram = item
     return shiftadd.fit(op, matrix, bits, gram)

@@ -39,6 +39,7 @@ EVAL_SAMPLES = 8
 # Which backend runs each quantized-weight format fast; ``auto`` picks TVM for a model
 # holding any format mapped to "tvm" (when TVM is installed), else ONNX Runtime.
 FORMAT_BACKENDS = {"int": "ort", "bcq": "tvm"}  # bcq: ORT only has its decode-then-MatMul reference
+ORT_ONLY_FORMATS = ("bcq_outliers",)  # no TVM kernel: auto never picks TVM for a model holding one
 TARGETS = {"ort": ort_backend.TARGETS, "tvm": tvm_backend.TARGETS}
 
 
@@ -190,7 +191,8 @@ def _title(source: Any) -> str:
 def choose_backend(requested: str, target: str, model: Model,
                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
     """``requested`` unless it is ``auto``: then TVM for targets only TVM has (``arm64``)
-    or models holding a format :data:`FORMAT_BACKENDS` maps to TVM (if TVM is installed),
+    or models holding a format :data:`FORMAT_BACKENDS` maps to TVM (if TVM is installed and
+    the model holds none of :data:`ORT_ONLY_FORMATS`),
     else ONNX Runtime. With ``input_shapes`` given (what :func:`compile` fixes), a model
     whose inputs stay dynamic goes to ONNX Runtime: TVM compiles static shapes only."""
     if requested != "auto":
@@ -198,6 +200,8 @@ def choose_backend(requested: str, target: str, model: Model,
     if target not in ort_backend.TARGETS:
         return "tvm"
     formats = sorted({str(node.attrs.get("format", "int")) for node in model.quantized_nodes()})
+    if any(fmt in ORT_ONLY_FORMATS for fmt in formats):
+        return "ort"
     wants_tvm = [fmt for fmt in formats if FORMAT_BACKENDS.get(fmt, "ort") == "tvm"]
     if wants_tvm and tvm_backend.available() and target in tvm_backend.TARGETS:
         dynamic = [] if input_shapes is None else [

@@ -240,7 +240,7 @@ def test_minilm_tvm_matches_ort_artifact(tmp_path):
     (3, "block", 3),
 ])
 def test_bcq_parity_with_ir_reference(tmp_path, bits, layout, batch):
-    spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32)"
+    spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32,outliers=0)"
     feeds = mlp_feeds(batch, seed=bits)
     result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
                                 calib={"ids": mlp_feeds(8, seed=7)["ids"]})
@@ -302,7 +302,7 @@ def test_bcq_cpu_kernels(rows_in, rows, cols, bits, row_group, col_group, gemv, 
 @needs_nvcc
 @pytest.mark.parametrize("layout", ["column", "block"])
 def test_cuda_build_of_bcq(tmp_path, layout):
-    result, _ = _compile(tmp_path, mlp_model(), f"shiftadd(bits=3,layout={layout},min_size=0)", {"ids": (1, 4)},
+    result, _ = _compile(tmp_path, mlp_model(), f"shiftadd(bits=3,layout={layout},min_size=0,outliers=0)", {"ids": (1, 4)},
                          calib={"ids": mlp_feeds(8, seed=7)["ids"]}, target="cuda", arch="sm_90")
     assert (result.path / "model.sm_90.so").stat().st_size > 0
     assert result.manifest["layers"]["fc1"]["kernel"] == f"tvm decode-fused matmul bcq3 {layout} (dlight)"

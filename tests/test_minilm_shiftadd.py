@@ -29,7 +29,7 @@ def test_minilm_first_layer_shiftadd_with_a_bits_plan(tmp_path_factory):
     spec = f"bits(avg=3,skip={SKIP}),shiftadd(layout=block,skip={SKIP})"
     result = qcompile.compile(minilm, passes=spec, calib=calib, output=tmp_path_factory.mktemp("out") / "a")
     layers = result.manifest["layers"]
-    assert len(layers) == 7 and all(layer["format"] == "bcq" for layer in layers.values())
+    assert len(layers) == 7 and all(layer["format"] == "bcq_outliers" for layer in layers.values())
     plan = result.manifest["passes"][0]["stats"]["plan"]
     assert plan["average_bits"] <= 3.0 and {layers[n]["bits"] for n in layers} <= {2, 3, 4}
     assert all(layers[name]["bits"] == bits for name, bits in plan["layers"].items())

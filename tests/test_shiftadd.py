@@ -8,7 +8,7 @@ from conftest import cnn_feeds, cnn_model, mlp_feeds, mlp_model
 
 from qcompile.errors import UsageError
 from qcompile.ir import io, qops
-from qcompile.ir.bcq import BCQWeight
+from qcompile.ir.bcq_outliers import BCQOutlierWeight
 from qcompile.ir.canonicalize import canonicalize
 from qcompile.ir.model import Model
 from qcompile.ir.runtime import make_session
@@ -41,7 +41,7 @@ def _output_error(inputs, weight, recon):
 def test_shiftadd_rewrites_every_layer_and_runs_in_onnx_runtime(layout):
     model = _canonical(mlp_model())
     calib = random_calibration(model, 8)
-    result, (record,) = _run(model, f"shiftadd(bits=3,layout={layout},group_size=32,min_size=0)", calib)
+    result, (record,) = _run(model, f"shiftadd(bits=3,layout={layout},group_size=32,min_size=0,outliers=0)", calib)
     ops = {n.name: n.op for n in result.graph.nodes}
     assert ops["embed"] == "QGather" and ops["fc1"] == "QMatMul" and ops["fc3"] == "QMatMul"
     assert all(n.attrs["format"] == "bcq" for n in result.quantized_nodes())
@@ -53,14 +53,15 @@ def test_shiftadd_rewrites_every_layer_and_runs_in_onnx_runtime(layout):
 
 
 def test_shiftadd_model_equals_numpy_dequantized_weights():
-    """The saved model's reference functions compute what NumPy's dequantize says."""
+    """The saved model's reference functions compute what NumPy's dequantize says (with the
+    default outliers: bcq_outliers weights)."""
     model = _canonical(mlp_model())
     calib = random_calibration(model, 4)
     result, _ = _run(model, "shiftadd(bits=2,group_size=32,min_size=0)", calib)
     expected = result.copy()
     for node in list(expected.quantized_nodes()):
         weight = qops.read_weight(node)
-        assert isinstance(weight, BCQWeight)
+        assert isinstance(weight, BCQOutlierWeight)
         dense = weight.dequantize()
         x = node.inputs[1] if node.op == "QGather" else node.inputs[0]
         inputs = [_const(node.name, dense), x] if node.op == "QGather" else [
