@@ -446,3 +446,61 @@ def dequantize_te(planes, alphas, row_group: int, col_group: int, cols: int):
     """The float matrix ``[rows, cols]`` (QConv's filter, decoded once per call)."""
     return te.compute((planes.shape[0], cols),
                       lambda n, k: _decode_te(planes, alphas, n, k, row_group, col_group), name="dequantize")
+
+
+# -- bcq_outliers: the sparse corrections (qcompile.ir.bcq_outliers) ---------------------
+# The dense part runs in the kernels above; the ``J`` corrections of every weight row (their
+# APoT codes decoded to float32 at build time, columns as int32) are added by one more small
+# scheduled kernel (CPU only: dlight's rules cannot analyse the indirect reads). Opaque to
+# Relax's operator fusion, which would otherwise merge the read-modify-write into its producer.
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque
+
+
+def outlier_matmul_cpu(M: int, N: int, K: int, J: int) -> tirx.PrimFunc:
+    """``y = base + X S^T`` for ``X [M, K]`` and the ELL corrections ``S`` of ``N`` weight rows:
+    per output, ``J`` activations gathered by column and accumulated (rows in parallel)."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), base: T.Buffer((M, N), "float32"),
+               cols: T.Buffer((N, J), "int32"), values: T.Buffer((N, J), "float32"),
+               y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": OPAQUE})
+        for n in T.parallel(N):
+            for m in range(M):
+                y[m, n] = base[m, n]
+                for j in range(J):
+                    y[m, n] = y[m, n] + x[m, cols[n, j]] * values[n, j]
+
+    return kernel
+
+
+def outlier_rows_cpu(R: int, C: int, V: int, J: int, gather: bool) -> tirx.PrimFunc:
+    """``y[i] = base[i] + S[row(i)]``: decoded weight rows ``base [R, C]`` with their
+    corrections scattered in; ``row(i)`` = ``indices[i]`` (negative ones wrap) for a gather
+    (the call passes ``indices`` int64 ``[R]`` before ``cols``), else ``i``."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def rows_kernel(base: T.Buffer((R, C), "float32"), cols: T.Buffer((V, J), "int32"),
+                    values: T.Buffer((V, J), "float32"), y: T.Buffer((R, C), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": OPAQUE})
+        for i in T.parallel(R):
+            for c in range(C):
+                y[i, c] = base[i, c]
+            for j in range(J):
+                y[i, cols[i, j]] = y[i, cols[i, j]] + values[i, j]
+
+    @T.prim_func(private=True, s_tir=True)
+    def gather_kernel(base: T.Buffer((R, C), "float32"), indices: T.Buffer((R,), "int64"),
+                      cols: T.Buffer((V, J), "int32"), values: T.Buffer((V, J), "float32"),
+                      y: T.Buffer((R, C), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": OPAQUE})
+        for i in T.parallel(R):
+            for c in range(C):
+                y[i, c] = base[i, c]
+            for j in range(J):
+                y[i, cols[T.if_then_else(indices[i] < 0, indices[i] + V, indices[i]), j]] = y[
+                    i, cols[T.if_then_else(indices[i] < 0, indices[i] + V, indices[i]), j]] + values[
+                    T.if_then_else(indices[i] < 0, indices[i] + V, indices[i]), j]
+
+    return gather_kernel if gather else rows_kernel

@@ -55,7 +55,7 @@ class ImportResult:
     kernels: dict[str, str] = field(default_factory=dict)  # quantized node -> kernel description
 
 
-SUPPORTED_FORMATS = ("int", "bcq")
+SUPPORTED_FORMATS = ("int", "bcq", "bcq_outliers")
 SPARSE_FORMATS = ("int.nm", "int.bitmask")  # QMatMul only (tvm_sparse)
 
 
@@ -68,10 +68,16 @@ class _Layer:
     param_names: list[str]  # the format's weight inputs, in its order (qcompile.ir.formats)
     layout: Any = None  # kernels.CpuLayout / tvm_bcq.BcqCpuLayout for CPU QMatMul
     gpu_arrays: list[np.ndarray] | None = None  # GPU QMatMul weights split for dlight's GEMV rule
+    # bcq_outliers: the corrections (int32 columns, float32 values, [rows, k]) after the kernel arrays
+    # of the dense bcq part (``weight``)
+    corrections: tuple[np.ndarray, np.ndarray] | None = None
     decoded: np.ndarray | None = None  # a bitmask weight on GPUs: float32 [cols, rows] (no kernel there)
 
     def kernel_arrays(self) -> list[np.ndarray]:
         """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
+        return [*self._dense_arrays(), *(self.corrections or ())]
+
+    def _dense_arrays(self) -> list[np.ndarray]:
         if self.decoded is not None:
             return [self.decoded]
         if self.gpu_arrays is not None:
@@ -85,7 +91,13 @@ class _Layer:
         return [self.weight.packed, self.weight.scales, self.weight.zero_points]
 
     def param_name(self, index: int) -> str:
-        return self.param_names[index] if index < len(self.param_names) else f"{self.param_names[0]}.{index}"
+        names = self.param_names
+        if self.corrections is not None:  # the last two inputs name the last two arrays
+            dense = len(self.kernel_arrays()) - 2
+            if index >= dense:
+                return names[-2 + index - dense]
+            names = names[:-2]
+        return names[index] if index < len(names) else f"{names[0]}.{index}"
 
 
 def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
@@ -104,6 +116,13 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
                                         f"(supported: {', '.join(SUPPORTED_FORMATS)}; use --backend ort)")
         weight = qops.read_weight(node)
         names = [tensor.name for tensor in qops.weight_inputs(node)]
+        corrections = None
+        if fmt == "bcq_outliers":  # the bcq kernels, then the sparse corrections
+            if not cpu:
+                raise UnsupportedModelError(f"backend tvm: {node.name}: format 'bcq_outliers' has no GPU kernel yet "
+                                            "(use --backend ort, or shiftadd(outliers=0) for TVM on CUDA)")
+            corrections = (weight.outlier_cols.astype(np.int32), weight.corrections())
+            weight, fmt = weight.dense, "bcq"
         layout: Any = None
         if cpu and node.op == "QMatMul":
             if fmt == "bcq":
@@ -117,7 +136,7 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
                 gpu_arrays = tvm_bcq.gpu_arrays(weight)
             elif weight.bits == 3:
                 gpu_arrays = [*kernels.split3_planes(weight), weight.scales, weight.zero_points]
-        layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout, gpu_arrays)
+        layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout, gpu_arrays, corrections)
     return layers
 
 
@@ -225,7 +244,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         self._check_input(layer, x)
         flat, leading = self._flatten_rows(x, weight.cols)
         rows = _shape(flat)[0]
-        args = self._vars(layer)
+        args, corrections = self._split_corrections(layer)
+        inputs = flat
         layout = layer.layout
         if layout is not None:
             if layout.padded_cols != weight.cols:
@@ -249,7 +269,30 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                 col_group=weight.col_group, cols=weight.cols, primfunc_name_hint=f"qmatmul_bcq{weight.bits}"))
             self.kernel_names[layer.node_name] = (f"tvm decode-fused matmul bcq{weight.bits} {_bcq_layout(weight)} "
                                                   "(dlight)")
+        if corrections:
+            result = self._corrections(layer, "matmul", [inputs, result], [rows, weight.rows],
+                                       (rows, weight.rows, weight.cols))
+            self.kernel_names[layer.node_name] += f" + {layer.corrections[0].shape[1]} sparse corrections per row"
         return relax.op.reshape(result, [*leading, weight.rows])
+
+    def _corrections(self, layer: _Layer, kind: str, leading: list[relax.Expr], shape: list[int],
+                     sizes: tuple[int, ...]) -> relax.Expr:
+        """The bcq_outliers corrections of ``layer`` applied by a :mod:`tvm_bcq` kernel:
+        ``kind`` matmul (``sizes`` = M, N, K), gather or rows (``sizes`` = I, C)."""
+        _, corrections = self._split_corrections(layer)
+        vocab, per_row = layer.corrections[0].shape
+        key = ("bcq_outliers", kind, *sizes, vocab, per_row)
+        if key not in self._kernel_cache:
+            func = (tvm_bcq.outlier_matmul_cpu(*sizes, per_row) if kind == "matmul"
+                    else tvm_bcq.outlier_rows_cpu(*sizes, vocab, per_row, gather=kind == "gather"))
+            self._kernel_cache[key] = self.bb.add_func(func, f"bcq_outliers_{kind}")
+        return self.bb.normalize(relax.call_tir(self._kernel_cache[key], [*leading, *corrections],
+                                                relax.TensorType(shape, "float32")))
+
+    def _split_corrections(self, layer: _Layer) -> tuple[list[relax.Var], list[relax.Var]]:
+        """A layer's kernel arguments and its bcq_outliers corrections (none for other formats)."""
+        args = self._vars(layer)
+        return (args[:-2], args[-2:]) if layer.corrections is not None else (args, [])
 
     def _qmatmul_sparse(self, layer: _Layer, x: relax.Expr) -> relax.Expr:
         """Sparse ``int`` QMatMul (:mod:`tvm_sparse`): CPU kernels over the compact codes and
@@ -352,11 +395,14 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         count = int(np.prod(shape, dtype=np.int64))
         flat = self.bb.normalize(relax.op.reshape(indices, [count]))
         if layer.format == "bcq":
-            planes, *rest = self._vars(layer)
+            (planes, *rest), corrections = self._split_corrections(layer)
             result = self.bb.normalize(self.bb.call_te(
                 tvm_bcq.qgather_te, planes, flat, *rest, weight.row_group, weight.col_group, weight.cols,
                 primfunc_name_hint=f"qgather_bcq{weight.bits}"))
             self.kernel_names[layer.node_name] = f"tvm decode-fused gather bcq{weight.bits}"
+            if corrections:
+                result = self._corrections(layer, "gather", [result, flat], [count, weight.cols], (count, weight.cols))
+                self.kernel_names[layer.node_name] += " + sparse corrections"
             return relax.op.reshape(result, [*shape, weight.cols])
         packed, scales, zero_points = self._vars(layer)
         result = self.bb.normalize(self.bb.call_te(
@@ -368,9 +414,13 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
     def _qconv(self, layer: _Layer, inputs, attrs, opset) -> relax.Expr:
         weight = layer.weight
         if layer.format == "bcq":
+            args, corrections = self._split_corrections(layer)
             decoded = self.bb.normalize(self.bb.call_te(
-                tvm_bcq.dequantize_te, *self._vars(layer), weight.row_group, weight.col_group, weight.cols,
+                tvm_bcq.dequantize_te, *args, weight.row_group, weight.col_group, weight.cols,
                 primfunc_name_hint=f"dequantize_bcq{weight.bits}"))
+            if corrections:
+                decoded = self._corrections(layer, "rows", [decoded], [weight.rows, weight.cols],
+                                            (weight.rows, weight.cols))
         else:
             packed, scales, zero_points = self._vars(layer)
             decoded = self.bb.normalize(self.bb.call_te(

@@ -38,8 +38,9 @@ BACKENDS = ("ort", "tvm", "auto")
 EVAL_SAMPLES = 8
 # Which backend runs each quantized-weight format fast; ``auto`` picks TVM for a model
 # holding any format mapped to "tvm" (when TVM is installed), else ONNX Runtime.
-FORMAT_BACKENDS = {"int": "ort", "bcq": "tvm"}  # bcq: ORT only has its decode-then-MatMul reference
-ORT_ONLY_FORMATS = ("bcq_outliers",)  # no TVM kernel: auto never picks TVM for a model holding one
+# bcq, bcq_outliers: ORT only has their decode-then-MatMul reference functions
+FORMAT_BACKENDS = {"int": "ort", "bcq": "tvm", "bcq_outliers": "tvm"}
+TVM_CPU_ONLY_FORMATS = ("bcq_outliers",)  # no TVM GPU kernel: auto keeps ONNX Runtime for cuda
 TARGETS = {"ort": ort_backend.TARGETS, "tvm": tvm_backend.TARGETS}
 
 
@@ -192,17 +193,16 @@ def choose_backend(requested: str, target: str, model: Model,
                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
     """``requested`` unless it is ``auto``: then TVM for targets only TVM has (``arm64``)
     or models holding a format :data:`FORMAT_BACKENDS` maps to TVM (if TVM is installed and
-    the model holds none of :data:`ORT_ONLY_FORMATS`),
-    else ONNX Runtime. With ``input_shapes`` given (what :func:`compile` fixes), a model
+    has kernels for every format on ``target``), else ONNX Runtime. With ``input_shapes`` given (what :func:`compile` fixes), a model
     whose inputs stay dynamic goes to ONNX Runtime: TVM compiles static shapes only."""
     if requested != "auto":
         return requested
     if target not in ort_backend.TARGETS:
         return "tvm"
     formats = sorted({str(node.attrs.get("format", "int")) for node in model.quantized_nodes()})
-    if any(fmt in ORT_ONLY_FORMATS for fmt in formats):
-        return "ort"
     wants_tvm = [fmt for fmt in formats if FORMAT_BACKENDS.get(fmt, "ort") == "tvm"]
+    if target == "cuda" and any(fmt in TVM_CPU_ONLY_FORMATS for fmt in formats):
+        wants_tvm = []
     if wants_tvm and tvm_backend.available() and target in tvm_backend.TARGETS:
         dynamic = [] if input_shapes is None else [
             tensor.name for tensor in model.graph.inputs

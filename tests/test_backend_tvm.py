@@ -257,6 +257,35 @@ def test_bcq_parity_with_ir_reference(tmp_path, bits, layout, batch):
     assert api.choose_backend("auto", "cpu", ir_model) == "tvm"  # ONNX Runtime only has the reference function
 
 
+@pytest.mark.parametrize("bits, layout, batch", [
+    (3, "column", 1),  # GEMV kernel + corrections
+    (2, "block", 3),  # GEMM kernel + corrections
+])
+def test_bcq_outliers_parity_with_ir_reference(tmp_path, bits, layout, batch):
+    """``shiftadd``'s default sparse corrections (format bcq_outliers) run in TVM: the bcq
+    kernels plus the corrections, for MatMul, Gemm and the embedding gather."""
+    spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32,outliers=0.05)"
+    feeds = mlp_feeds(batch, seed=bits)
+    result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
+                                calib={"ids": mlp_feeds(8, seed=7)["ids"]})
+    assert {n.attrs["format"] for n in ir_model.quantized_nodes()} == {"bcq_outliers"}
+    layers = result.manifest["layers"]
+    assert layers["fc1"]["kernel"].endswith("sparse corrections per row")
+    assert layers["embed"]["kernel"] == f"tvm decode-fused gather bcq{bits} + sparse corrections"
+    got = qcompile.load(result.path).run(feeds)["y"]
+    want = _reference(ir_model, feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    plain = qcompile.compile(mlp_model(), passes=spec.replace("0.05", "0"), backend="ort",
+                             calib={"ids": mlp_feeds(8, seed=7)["ids"]}, output=tmp_path / "plain")
+    assert not np.allclose(qcompile.load(plain.path).run(feeds)["y"], want)  # the corrections are applied
+    assert api.choose_backend("auto", "cpu", ir_model) == "tvm"
+    assert api.choose_backend("auto", "cuda", ir_model) == "ort"  # no GPU kernel for the corrections
+    with pytest.raises(UnsupportedModelError, match="'bcq_outliers' has no GPU kernel yet") as info:
+        qcompile.compile(mlp_model(), passes=spec, backend="tvm", target="cuda", input_shapes={"ids": (batch, 4)},
+                         calib={"ids": mlp_feeds(8, seed=7)["ids"]}, output=tmp_path / "cuda")
+    assert "\n" not in str(info.value)
+
+
 def _random_bcq(rng, rows, cols, bits, row_group, col_group, terms=3):
     from qcompile.ir.bcq import encode_terms, from_signs
 

@@ -8,7 +8,6 @@ import pytest
 from conftest import mlp_feeds, mlp_model
 from test_bcq import _is_apot, _single_node_model
 
-from qcompile.api import choose_backend
 from qcompile.errors import VerificationError
 from qcompile.ir import bcq, io, lut, qops
 from qcompile.ir.bcq_outliers import BCQOutlierWeight
@@ -132,7 +131,7 @@ def test_check_names_what_is_wrong():
                            [x, planes, alphas, cols, gs.Constant("w.ov", values.values[:, :1].copy())], [1, 48], [x])
 
 
-def test_shiftadd_outliers_option_runs_in_onnx_runtime_and_picks_ort():
+def test_shiftadd_outliers_option_runs_in_onnx_runtime():
     model = canonicalize(Model.from_proto(mlp_model()))
     calib = random_calibration(model, 4)
     runs = {}
@@ -149,21 +148,6 @@ def test_shiftadd_outliers_option_runs_in_onnx_runtime_and_picks_ort():
     assert all(layer["outlier_bytes"] > 0 for layer in stats["layers"].values())
     out = make_session(with_outliers).run(None, mlp_feeds())[0]
     assert np.isfinite(out).all()
-    assert choose_backend("auto", "cpu", with_outliers) == "ort"
-
-
-def test_tvm_backend_refuses_bcq_outliers_in_one_line(tmp_path):
-    import qcompile
-    from qcompile.backends import tvm as tvm_backend
-    from qcompile.errors import QCompileError
-
-    if not tvm_backend.available():
-        pytest.skip("TVM is not installed")
-    with pytest.raises(QCompileError, match=r"format 'bcq_outliers' is not supported yet .*use --backend ort") as info:
-        qcompile.compile(mlp_model(), passes="shiftadd(bits=3,min_size=0)", backend="tvm",
-                         input_shapes={"ids": (1, 4)}, calib={"ids": mlp_feeds(8, seed=7)["ids"]},
-                         output=tmp_path / "out")
-    assert "\n" not in str(info.value)
 
 
 def test_bits_max_mb_counts_the_outlier_corrections():
