@@ -270,15 +270,23 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             self.kernel_names[layer.node_name] = (f"tvm decode-fused matmul bcq{weight.bits} {_bcq_layout(weight)} "
                                                   "(dlight)")
         if corrections:
-            result = self._corrections(layer, "matmul", [inputs, result], [rows, weight.rows],
-                                       (rows, weight.rows, weight.cols))
+            padded = -(-rows // 16) * 16
+            if padded != rows:
+                inputs = self.bb.normalize(relax.op.nn.pad(inputs, [0, padded - rows, 0, 0]))
+            transposed = self.bb.normalize(relax.op.permute_dims(inputs, [1, 0]))
+            correction = self._corrections(layer, "matmul", [transposed], [weight.rows, padded],
+                                           (padded, weight.rows, weight.cols))
+            if padded != rows:
+                correction = self.bb.normalize(relax.op.strided_slice(correction, [1], [0], [rows]))
+            result = self.bb.normalize(relax.op.add(result, relax.op.permute_dims(correction, [1, 0])))
             self.kernel_names[layer.node_name] += f" + {layer.corrections[0].shape[1]} sparse corrections per row"
         return relax.op.reshape(result, [*leading, weight.rows])
 
     def _corrections(self, layer: _Layer, kind: str, leading: list[relax.Expr], shape: list[int],
                      sizes: tuple[int, ...]) -> relax.Expr:
-        """The bcq_outliers corrections of ``layer`` applied by a :mod:`tvm_bcq` kernel:
-        ``kind`` matmul (``sizes`` = M, N, K), gather or rows (``sizes`` = I, C)."""
+        """The bcq_outliers corrections of ``layer`` by a :mod:`tvm_bcq` kernel: ``kind`` matmul
+        (``sizes`` = padded M, N, K; the correction term alone), gather or rows (``sizes`` =
+        rows, C; the decoded rows with their corrections)."""
         _, corrections = self._split_corrections(layer)
         vocab, per_row = layer.corrections[0].shape
         key = ("bcq_outliers", kind, *sizes, vocab, per_row)
