@@ -36,7 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from qcompile.errors import BackendError
+from qcompile.errors import BackendError, UnsupportedModelError
 from qcompile.ir import io, qops, runtime
 from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.qformat import QuantizedWeight, pack_codes, unpack_codes
@@ -61,7 +61,23 @@ DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 def make_session(model_path: Path, backend: dict, *, providers: list[str] | None = None,
                  threads: int | None = None) -> ort.InferenceSession:
-    """The ONNX Runtime session an artifact runs in, with the options its manifest records."""
+    """The ONNX Runtime session an artifact runs in, with the options its manifest records.
+
+    Layers left to their reference functions (formats ONNX Runtime has no kernel for, e.g.
+    ``bcq``) are decoded to float with NumPy first (:func:`qcompile.ir.qops.decode_to_float`):
+    the file keeps them packed, and plain ONNX Runtime still runs it as it is, but decoding
+    inside the session holds far more memory than the float model.
+    """
+    if _has_reference_layers(model_path):
+        model = io.load(model_path)
+        layers = qops.decode_to_float(model.graph)
+        try:
+            session = runtime.make_session(model, threads=threads, providers=providers,
+                                           disabled_optimizers=backend.get("disabled_optimizers", []))
+        except UnsupportedModelError as exc:
+            raise BackendError(f"ONNX Runtime cannot load the artifact: {exc}") from None
+        session._qcompile_decoded_layers = layers  # type: ignore[attr-defined]
+        return session
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -75,6 +91,15 @@ def make_session(model_path: Path, backend: dict, *, providers: list[str] | None
         )
     except Exception as exc:  # ORT's own exception types
         raise BackendError(f"ONNX Runtime cannot load the artifact: {runtime.ort_message(exc)}") from None
+
+
+def _has_reference_layers(model_path: Path) -> bool:
+    """Whether the artifact's graph still holds ``qcompile`` quantized ops (read without its weights)."""
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - unreadable: ONNX Runtime gives the error below
+        return False
+    return any(node.domain == qops.DOMAIN for node in graph.node)
 
 
 def providers_for(target: str) -> list[str]:

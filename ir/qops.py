@@ -104,6 +104,46 @@ def read_weight(node: gs.Node) -> Weight:
     return node_format(node).from_arrays(node.attrs, arrays)
 
 
+def decode_to_float(graph: gs.Graph) -> int:
+    """Replace every quantized node whose weights are constants by the float op it stands for,
+    its weight decoded once with NumPy (``dequantize()``, which the tests hold equal to the
+    reference function's decode); returns how many nodes were replaced.
+
+    For runtimes without a kernel for a format: ONNX Runtime, given the reference function,
+    constant-folds each layer's decode with every intermediate (planes unpacked to float,
+    alphas broadcast) alive at once: opening MiniLM's ``shiftadd`` artifact peaked at 1.65 GB
+    (0.39 GB for the float model), and SmolLM2's ran the machine out of memory. Decoded here,
+    the session holds the float weights only. A weight shared by several nodes (a tied
+    embedding and LM head) is decoded once.
+    """
+    decoded: dict[tuple[str, ...], np.ndarray] = {}
+    count = 0
+    for node in [n for n in graph.nodes if is_quantized(n)]:
+        weights = weight_inputs(node)
+        if not all(isinstance(t, gs.Constant) for t in weights):
+            continue  # computed at run time (e.g. widened from narrower storage): the function stays
+        key = tuple(t.name for t in weights)
+        if key not in decoded:
+            decoded[key] = np.asarray(read_weight(node).dequantize(), np.float32)
+        matrix = decoded[key]
+        if node.op == "QMatMul":
+            node.inputs = [node.inputs[0], gs.Constant(f"{node.name}.decoded", np.ascontiguousarray(matrix.T))]
+            node.op, node.attrs = "MatMul", {}
+        elif node.op == "QGather":
+            node.inputs = [gs.Constant(f"{node.name}.decoded", matrix), node.inputs[1]]
+            node.op, node.attrs = "Gather", {"axis": 0}
+        else:
+            shape = [int(d) for d in node.attrs["weight_shape"]]
+            bias = node.inputs[1 + len(weights):]
+            node.inputs = [node.inputs[0], gs.Constant(f"{node.name}.decoded", matrix.reshape(shape)), *bias]
+            node.op, node.attrs = "Conv", {k: v for k, v in node.attrs.items() if k in CONV_ATTRIBUTES}
+        node.domain = ""
+        count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return count
+
+
 # ----------------------------------------------------------------------------------
 # Reference functions
 # ----------------------------------------------------------------------------------

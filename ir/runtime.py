@@ -42,10 +42,15 @@ def make_session(
     *,
     extra_outputs: Iterable[str] = (),
     threads: int | None = None,
+    providers: list[str] | None = None,
+    disabled_optimizers: Iterable[str] = (),
 ) -> ort.InferenceSession:
-    """A CPU session for ``model`` (a model over 2 GB goes through a temporary file)."""
+    """A session for ``model`` (a model over 2 GB goes through a temporary file); CPU unless
+    ``providers`` says otherwise, with ``disabled_optimizers`` off besides the ones that change
+    the model's semantics."""
+    chosen = list(disabled_optimizers)
     if isinstance(model, (str, os.PathLike)) and not extra_outputs:
-        return _session(str(model), session_options(threads))
+        return _session(str(model), session_options(threads), tuple(chosen), providers)
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(str(model))
     proto = model.to_proto() if isinstance(model, Model) else model
@@ -60,14 +65,15 @@ def make_session(
     # decoded float weights are several times their packed bytes (8x at 4 bits)
     disabled = ("ConstantFolding",) if 8 * size + mapped_size > LARGE_REFERENCE_BYTES and any(
         f.domain == "qcompile" for f in proto.functions) else ()
+    disabled = (*disabled, *chosen)
     if size < PROTOBUF_LIMIT:
-        session = _session(proto.SerializeToString(), options, disabled)
+        session = _session(proto.SerializeToString(), options, disabled, providers)
         session._qcompile_arrays = keep_alive  # type: ignore[attr-defined]  # in case ONNX Runtime reads them later
         return session
     with tempfile.TemporaryDirectory(prefix="qcompile-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-        return _session(str(path), options, disabled)
+        return _session(str(path), options, disabled, providers)
 
 
 def _map_into_session(proto: onnx.ModelProto, options: ort.SessionOptions) -> tuple[int, list[np.ndarray]]:
@@ -102,9 +108,10 @@ def _map_into_session(proto: onnx.ModelProto, options: ort.SessionOptions) -> tu
     return sum(info.nbytes for info in infos.values()), arrays
 
 
-def _session(model: str | bytes, options: ort.SessionOptions, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
+def _session(model: str | bytes, options: ort.SessionOptions, disabled: tuple[str, ...] = (),
+             providers: list[str] | None = None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"],
                                     disabled_optimizers=[*SEMANTICS_CHANGING_OPTIMIZERS, *disabled])
     except Exception as exc:  # ORT's own exception types (Fail, InvalidGraph, NotImplemented, ...)
         raise UnsupportedModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None

@@ -166,3 +166,22 @@ def test_two_bit_blocks_over_256_keep_the_reference(tmp_path):
     assert "reference function" in result.manifest["layers"]["fc"]["kernel"]
     out = qcompile.load(result.path).run({"x": rng.standard_normal((3, 300)).astype(np.float32)})
     assert next(iter(out.values())).shape == (3, 16)
+
+
+@pytest.mark.parametrize("spec", ["shiftadd(bits=3,min_size=0,table_group=32)",
+                                  "shiftadd(bits=2,min_size=0,table_group=32,outliers=0)"])
+def test_reference_only_layers_are_decoded_when_the_artifact_opens(tmp_path, spec):
+    """``bcq`` layers (no ORT kernel) stay packed in the file; the loader decodes them with NumPy
+    instead of letting ONNX Runtime constant-fold their reference functions, with the same outputs."""
+    import onnxruntime as ort
+
+    result = qcompile.compile(mlp_model(), passes=spec, backend="ort", calib={"ids": mlp_feeds(8, seed=7)["ids"]},
+                              output=tmp_path / "out")
+    model_file = result.path / result.manifest["backend"]["model_file"]
+    stored = onnx.load(str(model_file), load_external_data=False)
+    assert any(node.domain == "qcompile" for node in stored.graph.node)  # the file keeps bcq packed
+    artifact = qcompile.load(result.path)
+    assert artifact.session._qcompile_decoded_layers == 4  # embed, fc1, fc2, fc3
+    plain = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])  # the reference functions
+    feeds = mlp_feeds(3, seed=5)
+    np.testing.assert_array_equal(artifact.run(feeds)["y"], plain.run(None, feeds)[0])
