@@ -329,6 +329,9 @@ def bcq_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, *, terms: int =
     (each column's error weighted by ``1 / [H^-1]_jj``, its cost in GPTQ's objective), then
     every column of the block gets the nearest codes for them after compensation. With
     ``act_order`` the walk visits columns (blocks) by decreasing input energy.
+    ``layout="row"``: alphas per row and group of ``group_size`` consecutive columns (the
+    row-wise layout ``QGather`` needs, for an embedding table tied to an LM head), each group
+    fitted when the walk reaches it, on its columns as compensated so far.
 
     ``outliers``: the fraction of each row chosen before the walk by
     ``|w| / rms(alpha group) / U_jj`` (the weight's size in its group, and its column's cost
@@ -340,13 +343,17 @@ def bcq_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, *, terms: int =
     outlier_terms = terms if outlier_terms is None else outlier_terms
     weight, hessian = prepare_hessian(weight, hessian)
     rows, cols = weight.shape
-    col_group = 8 if layout == "block" else 1
+    if layout == "row":  # alphas per row and group of group_size columns: GPTQ with groups fitted as reached
+        col_group, row_group = (min(group_size, cols) if group_size > 0 else cols), 1
+        block_size = -(-block_size // col_group) * col_group
+    else:
+        col_group = 8 if layout == "block" else 1
+        row_group = min(group_size, rows) if group_size > 0 else rows
     padded_cols = -(-cols // col_group) * col_group
     if padded_cols != cols:  # zero columns, uncorrelated with the rest, cost nothing
         weight = np.pad(weight, ((0, 0), (0, padded_cols - cols)))
         hessian = np.pad(hessian, ((0, padded_cols - cols), (0, padded_cols - cols)))
         hessian[np.arange(cols, padded_cols), np.arange(cols, padded_cols)] = 1.0
-    row_group = min(group_size, rows) if group_size > 0 else rows
     energy = np.diag(hessian).reshape(-1, col_group).sum(1)
     block_order = np.argsort(-energy, kind="stable") if act_order else np.arange(energy.size)
     order = (block_order[:, None] * col_group + np.arange(col_group)).reshape(-1)

@@ -43,7 +43,7 @@ from .base import Pass, PassResult, option
 from .bcqfit import bcq_rowwise, outliers_per_row
 from .context import PassContext
 from .gptq import inverse_hessian_factor, prepare_hessian
-from .layers import layer_matrix, select_layers
+from .layers import content_key, layer_matrix, select_layers
 from .plan import check_plan, read_plan, write_plan
 
 log = logging.getLogger(__name__)
@@ -132,14 +132,22 @@ class Bits(Pass):
         ctx.progress.start(f"{self.name}: layers", len(nodes))
         costs: dict[str, dict[int, float]] = {}
         params: dict[str, int] = {}
+        # layers holding the same values (a tied embedding and LM head) are stored once: one
+        # choice for all of them, its weights counted once (on the first), its costs summed
+        first_of: dict[str, str] = {}
+        owner_of: dict[str, str] = {}
         corrections = 0
         for node in nodes:
             matrix, _, _ = layer_matrix(node)
             gram_rows = grams.get(node.inputs[0].name)
             gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
-            costs[node.name] = self._costs(node.name, matrix, gram, ctx)
-            params[node.name] = int(matrix.size)
-            corrections += matrix.shape[0] * outliers_per_row(self.outliers, matrix.shape[1])
+            owner = owner_of[node.name] = first_of.setdefault(content_key(matrix), node.name)
+            layer_costs = self._costs(node.name, matrix, gram, ctx)
+            if owner == node.name:
+                costs[node.name], params[node.name] = layer_costs, int(matrix.size)
+                corrections += matrix.shape[0] * outliers_per_row(self.outliers, matrix.shape[1])
+            else:
+                costs[owner] = {b: costs[owner][b] + layer_costs[b] for b in layer_costs}
             ctx.progress.advance()
         names = list(costs)
         widths = self.widths
@@ -150,6 +158,10 @@ class Bits(Pass):
             raise UsageError(f"bits: no plan fits the budget ({self._budget_text()}) even at {widths[0]} bits")
         choice, exact = solution
         layers = {name: widths[index] for name, index in zip(names, choice, strict=True)}
+        shared = {name: owner for name, owner in owner_of.items() if owner != name}
+        for name, owner in shared.items():
+            layers[name], params[name], costs[name] = layers[owner], 0, dict.fromkeys(widths, 0.0)
+        layers = {node.name: layers[node.name] for node in nodes}
         total = sum(params.values())
         return {
             "budget": {"avg": self.avg} if self.avg else {"max_mb": self.max_mb},
@@ -160,6 +172,7 @@ class Bits(Pass):
             "layers": layers,
             "costs": {n: {str(b): float(f"{costs[n][b]:.6g}") for b in widths} for n in names},
             "params": params,
+            "shared": shared,
             "skipped": skipped,
         }
 

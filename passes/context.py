@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -23,6 +24,9 @@ from qcompile.ir.model import Model
 
 from .calibration import CalibrationSet
 from .executor import Executor, SerialExecutor
+
+if TYPE_CHECKING:
+    from .sequential import SequentialStatistics
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +98,30 @@ class PassContext:
         allow_synthetic: bool = False,
     ) -> tuple[dict[str, tuple[np.ndarray, int, np.ndarray]], dict[str, np.ndarray]]:
         """:meth:`gram` of ``gram_of`` and :meth:`capture` of ``rows_of`` in one calibration run."""
-        gram_names, row_names = set(gram_of), set(rows_of)
+        gram_names, row_names = list(gram_of), list(rows_of)
         grams: dict[str, tuple[np.ndarray, int, np.ndarray]] = {}
         captured: dict[str, np.ndarray] = {}
-        for chunk, parts in self._stream(model, [*gram_of, *rows_of], allow_synthetic, gram_names):
-            for name in chunk:
-                if name in gram_names:
-                    grams[name] = _gram([rows[keep] if keep is not None else rows for rows, keep in parts[name]])
-                if name in row_names:
-                    captured[name] = self._subsample(np.concatenate([rows for rows, _ in parts[name]], axis=0))
+        for _, parts in self._stream(model, [*gram_names, *row_names], allow_synthetic, set(gram_names)):
+            chunk_grams, chunk_rows = self.reduce(parts, gram_names, row_names)
+            grams.update(chunk_grams)
+            captured.update(chunk_rows)
+        return grams, captured
+
+    def sequential(self) -> SequentialStatistics:
+        """:meth:`statistics` stage after stage, each stage's on the model as rewritten so far
+        (needs calibration data; see :mod:`.sequential`)."""
+        from .sequential import SequentialStatistics
+
+        return SequentialStatistics(self)
+
+    def reduce(self, parts: dict[str, list[tuple[np.ndarray, np.ndarray | None]]], gram_of: Iterable[str],
+               rows_of: Iterable[str]) -> tuple[dict[str, tuple[np.ndarray, int, np.ndarray]], dict[str, np.ndarray]]:
+        """Grams of ``gram_of`` and subsampled rows of ``rows_of`` from per-sample ``(rows, real-token
+        rows or None)`` parts (those of the names in ``parts``)."""
+        grams = {name: _gram([rows[keep] if keep is not None else rows for rows, keep in parts[name]])
+                 for name in gram_of if name in parts}
+        captured = {name: self._subsample(np.concatenate([rows for rows, _ in parts[name]], axis=0))
+                    for name in rows_of if name in parts}
         return grams, captured
 
     def _subsample(self, rows: np.ndarray) -> np.ndarray:

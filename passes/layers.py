@@ -7,6 +7,7 @@ A layer's weight is handled as a matrix ``[rows, cols]`` with the reduction axis
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -94,6 +95,14 @@ def layer_matrix(node: gs.Node) -> tuple[np.ndarray, tuple[str, str], str]:
     if alpha != 1.0:
         return matrix * alpha, (f"{weight.name}*{alpha}", key[1]), f"{weight.name}.alpha"
     return matrix, key, weight.name
+
+
+def content_key(matrix: np.ndarray) -> str:
+    """Identity of a weight by value: shape and a BLAKE2b digest of its float32 ``[rows, cols]`` bytes
+    (a tied embedding and LM head hold the same values in two initializers, one transposed)."""
+    data = np.ascontiguousarray(matrix, np.float32)
+    digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    return f"{data.shape[0]}x{data.shape[1]}:{digest}"
 
 
 def correct_bias(model: Model, node: gs.Node, original: np.ndarray, new: np.ndarray, mean: np.ndarray) -> float | None:

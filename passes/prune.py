@@ -48,6 +48,7 @@ from .context import PassContext
 from .layers import as_rows, correct_bias, output_error, select_layers, weight_of
 from .obs import obs_prune
 from .pruning import keep_mask, parse_pattern, wanda_scores
+from .sequential import SequentialStatistics, layer_stages
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,12 @@ class Prune(Pass):
         return self.sequential and ctx.calib is not None
 
     @staticmethod
-    def _grams(model: Model, nodes: list[gs.Node], ctx: PassContext
+    def _grams(model: Model, nodes: list[gs.Node], source: PassContext | SequentialStatistics
                ) -> tuple[dict[str, np.ndarray | None], dict[str, np.ndarray]]:
         """Per layer, ``X^T X`` of its input over the calibration rows (None: Conv, Gather, no data);
         per linear input tensor, its channel means over the same rows."""
         linear = [n.inputs[0].name for n in nodes if n.op in ("MatMul", "Gemm")]
-        grams, _ = ctx.statistics(model, gram_of=linear) if linear else ({}, {})
+        grams, _ = source.statistics(model, gram_of=linear) if linear else ({}, {})
         means = {name: sums / max(rows, 1) for name, (_, rows, sums) in grams.items()}
         return {n.name: _gram_for(n, grams) for n in nodes}, means
 
@@ -210,9 +211,10 @@ class Prune(Pass):
         pruned_names = {n.name for n in nodes}
         changed = False
         layers = {}
-        stages = _stages(model, nodes) if self._sequential(ctx) else [nodes]
+        stages = layer_stages(model, nodes) if self._sequential(ctx) else [nodes]
+        source = ctx.sequential() if self._sequential(ctx) else ctx
         for stage in stages:
-            grams, input_means = self._grams(model, stage, ctx)
+            grams, input_means = self._grams(model, stage, source)
             keys = {node.name: (node.inputs[1 if node.op != "Gather" else 0].name,
                                 f"{node.op}{node.attrs.get('transB', '')}") for node in stage}
             todo: dict[tuple[str, str], gs.Node] = {}  # a weight read by several layers of one kind is pruned once
@@ -301,23 +303,6 @@ def _prune_item(prune: Prune, item: tuple[str, np.ndarray, dict, np.ndarray | No
     """One work item of :meth:`Prune.apply` (module level: executors pickle it)."""
     op, matrix, target, gram = item
     return prune._prune(cast(gs.Node, _LayerKind(op)), matrix, target, gram)
-
-
-def _stages(model: Model, nodes: list[gs.Node]) -> list[list[gs.Node]]:
-    """``nodes`` grouped by how many of them lie upstream of their input: layers in one stage
-    do not feed each other (a transformer block gives Q/K/V, attention output, FFN up, FFN down)."""
-    wanted = {n.name for n in nodes}
-    depth: dict[str, int] = {}
-    stage_of: dict[str, int] = {}
-    for node in model.graph.toposort().nodes:
-        level = max((depth.get(t.name, 0) for t in node.inputs if not isinstance(t, gs.Constant)), default=0)
-        if node.name in wanted:
-            stage_of[node.name] = level
-            level += 1
-        for tensor in node.outputs:
-            depth[tensor.name] = level
-    return [stage for stage in ([n for n in nodes if stage_of[n.name] == k] for k in sorted(set(stage_of.values())))
-            if stage]
 
 
 def _target(value: str, where: str) -> dict[str, Any]:

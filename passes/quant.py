@@ -28,7 +28,6 @@ quantized together into one ``cluster``-format op (:mod:`qcompile.passes.cluster
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -50,9 +49,10 @@ from .base import Pass, PassResult, matches_any, option
 from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
-from .layers import layer_matrix, layer_stats, rewrite, select_layers
+from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers
 from .patterns import activation_matmuls, swiglus
 from .plan import planned_bits, read_plan
+from .sequential import layer_stages
 from .sparsequant import quantize_sparse, zero_fraction
 from .split import GROUPS_KEY, SplitGroup, resolve_groups, split_groups
 
@@ -86,6 +86,8 @@ class Quant(Pass):
                                  "LMs lose the most at 3 bits and below there", choices=(0, 2, 3, 4, 5, 6, 7, 8))
     cluster_group_size: int = option(0, "split groups (cluster format): weights per grid along the reduction "
                                      "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
+    sequential: bool = option(False, "with --calib: quantize in stages of layers that do not feed each other, "
+                              "each stage calibrated on the model quantized so far (GPTQ's sequential mode)")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
     sparse_min: float = option(0.3, "layers with at least this fraction of exact zeros (e.g. after prune) are "
@@ -125,47 +127,59 @@ class Quant(Pass):
         skipped.update({g.name: f"excluded by skip pattern {matches_any(g.name, self.skip)!r}" for g in groups
                         if matches_any(g.name, self.skip)})
         groups = [g for g in groups if not matches_any(g.name, self.skip)]
-        leaders = [*candidates, *(group.parts[0] for group in groups)]
-        linear_inputs = [n.inputs[0].name for n in leaders if n.op in ("MatMul", "Gemm")]
-        act_inputs = [n.inputs[0].name for n in leaders if n.op != "Gather"] if self.act_bits else []
-        grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
-                                            allow_synthetic=self.act_aware)
         patterns = {"swiglu": len(swiglus(model.graph)),
                     "activation_matmuls_left_alone": len(activation_matmuls(model.graph))}
         keys = {node.name: content_key(layer_matrix(node)[0]) for node in candidates}
         sharing: dict[str, list[gs.Node]] = {}
         for node in candidates:
             sharing.setdefault(keys[node.name], []).append(node)
-        # a shared weight is quantized with the statistics of the first member that has them
-        # (for a tied embedding: the LM head's input; the embedding lookup has none)
-        group_grams = {key: next((grams[m.inputs[0].name] for m in members
-                                  if m.op in ("MatMul", "Gemm") and m.inputs[0].name in grams), None)
-                       for key, members in sharing.items()}
-        ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
         plan = read_plan(model)
         tables = {keys[n.name] for n in candidates if n.op == "Gather"}
         bits_of = {n.name: planned_bits(plan, n.name, self.embedding_bits if self.embedding_bits and keys[n.name] in tables
                                         else self.bits, 2, 8, self.name) for n in candidates}
-        shared = self._quantize_all(candidates, bits_of, keys, grams, group_grams, ctx)
+        ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
+        sequential = self.sequential and ctx.calib is not None
+        stages = self._stages(model, candidates, groups, keys) if sequential else [(candidates, groups)]
+        source = ctx.sequential() if sequential else ctx
+        shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}
         layers = {}
-        for node in candidates:
-            key = keys[node.name]
-            bits = bits_of[node.name]
-            layers[node.name] = self._rewrite(model, node, bits, shared, key, grams.get(node.inputs[0].name),
-                                              group_grams[key])
-            ctx.progress.advance()
-        for group in groups:
-            bits = planned_bits(plan, group.name, self.bits, 2, 8, self.name)
-            layers[group.name] = self._rewrite_group(model, group, bits, shared,
-                                                     grams.get(group.parts[0].inputs[0].name))
-            ctx.progress.advance()
+        activation_quantizers = {}
+        calibrated = False
+        for stage_candidates, stage_groups in stages:
+            leaders = [*stage_candidates, *(group.parts[0] for group in stage_groups)]
+            linear_inputs = [n.inputs[0].name for n in leaders if n.op in ("MatMul", "Gemm")]
+            act_inputs = [n.inputs[0].name for n in leaders if n.op != "Gather"] if self.act_bits else []
+            if sequential:
+                grams, activations = source.statistics(model, gram_of=linear_inputs, rows_of=act_inputs)
+            else:
+                grams, activations = ctx.statistics(model, gram_of=linear_inputs, rows_of=act_inputs,
+                                                    allow_synthetic=self.act_aware)
+            # a shared weight is quantized with the statistics of the first member that has them
+            # (for a tied embedding: the LM head's input; the embedding lookup has none)
+            group_grams = {keys[n.name]: next((grams[m.inputs[0].name] for m in sharing[keys[n.name]]
+                                               if m.op in ("MatMul", "Gemm") and m.inputs[0].name in grams), None)
+                           for n in stage_candidates}
+            shared.update(self._quantize_all(stage_candidates, bits_of, keys, grams, group_grams, ctx))
+            stage_layers = {}
+            for node in stage_candidates:
+                key = keys[node.name]
+                stage_layers[node.name] = self._rewrite(model, node, bits_of[node.name], shared, key,
+                                                        grams.get(node.inputs[0].name), group_grams[key])
+                ctx.progress.advance()
+            for group in stage_groups:
+                bits = planned_bits(plan, group.name, self.bits, 2, 8, self.name)
+                stage_layers[group.name] = self._rewrite_group(model, group, bits, shared,
+                                                               grams.get(group.parts[0].inputs[0].name))
+                ctx.progress.advance()
+            activation_quantizers.update(self._quantize_activations(model, [*stage_layers], activations))
+            calibrated |= bool(grams)
+            layers.update(stage_layers)
         if groups:  # the record only serves to merge the parts; they are merged now
             remaining = {k: v for k, v in split_groups(model).items() if k not in {g.name for g in groups}}
             if remaining:
                 model.metadata[GROUPS_KEY] = json.dumps(remaining, sort_keys=True)
             else:
                 model.metadata.pop(GROUPS_KEY, None)
-        activation_quantizers = self._quantize_activations(model, [*layers], activations)
         shared_groups = {members[0].name: [m.name for m in members] for members in sharing.values()
                          if len(members) > 1}
         patterns["tied_embeddings"] = sum(1 for members in sharing.values()
@@ -178,8 +192,9 @@ class Quant(Pass):
             "skipped": skipped,
             "quantized": len(layers),
             "weight_bytes": sum(w.nbytes for w, _ in shared.values()),
-            "activation_statistics": "synthetic" if ctx.uses_synthetic and grams else
-                                     ("calibration" if grams else "none"),
+            "activation_statistics": "synthetic" if ctx.uses_synthetic and calibrated else
+                                     ("calibration" if calibrated else "none"),
+            "sequential": len(stages) if sequential else False,
             "activation_quantizers": activation_quantizers,
             "shared": shared_groups,
             "patterns": patterns,
@@ -204,6 +219,17 @@ class Quant(Pass):
         return quantizers
 
     # -- selection ---------------------------------------------------------------------
+
+    @staticmethod
+    def _stages(model: Model, candidates: list[gs.Node], groups: list[SplitGroup], keys: dict[str, str]
+                ) -> list[tuple[list[gs.Node], list[SplitGroup]]]:
+        """Candidates and split groups (by their first part) in :func:`layer_stages`; layers sharing
+        a weight go to the stage of the last of them."""
+        leaders = {group.parts[0].name: group for group in groups}
+        stages = layer_stages(model, [*candidates, *(group.parts[0] for group in groups)],
+                              shared=lambda node: keys.get(node.name, node.name))
+        return [([n for n in stage if n.name not in leaders], [leaders[n.name] for n in stage if n.name in leaders])
+                for stage in stages]
 
     def _select(self, model: Model, exclude: set[str]) -> tuple[list[gs.Node], dict[str, str]]:
         return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size,
@@ -296,10 +322,3 @@ def _quantize_item(quant: Quant, item: tuple[np.ndarray, np.ndarray | None, int]
     """One work item of :meth:`Quant._quantize_all` (module level: executors pickle it)."""
     matrix, gram, bits = item
     return quant._quantize(matrix, gram, bits)
-
-
-def content_key(matrix: np.ndarray) -> str:
-    """Identity of a weight by value: shape and a BLAKE2b digest of its float32 ``[rows, cols]`` bytes."""
-    data = np.ascontiguousarray(matrix, np.float32)
-    digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
-    return f"{data.shape[0]}x{data.shape[1]}:{digest}"

@@ -271,7 +271,7 @@ def test_sparse_artifact_runs_in_onnx_runtime_through_the_reference_function(tmp
 
 
 def test_sequential_stages_follow_the_dataflow_and_keep_exact_sparsity():
-    from qcompile.passes.prune import _stages
+    from qcompile.passes.sequential import layer_stages as _stages
 
     model, calib = _mlp()
     nodes = [n for n in model.graph.nodes if n.name in ("fc1", "fc2", "fc3")]
