@@ -82,17 +82,26 @@ class Quant(Pass):
     damp: float = option(0.01, "gptq: Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     act_order: bool = option(True, "gptq: quantize columns with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
-    embedding_bits: int = option(0, "bits of embedding tables and of an LM head tied to one (0 = bits): small "
-                                 "LMs lose the most at 3 bits and below there", choices=(0, 2, 3, 4, 5, 6, 7, 8))
+    embedding_bits: int = option(-1, "bits of embedding tables and of an LM head tied to one; 0 = bits; -1 = auto "
+                                 "(8 for a table tied to an LM head when bits < 4, else bits): every logit reads "
+                                 "it, and small LMs lose the most there", choices=(-1, 0, 2, 3, 4, 5, 6, 7, 8))
     cluster_group_size: int = option(0, "split groups (cluster format): weights per grid along the reduction "
                                      "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
-    sequential: bool = option(False, "with --calib: quantize in stages of layers that do not feed each other, "
+    sequential: bool = option(True, "with --calib: quantize in stages of layers that do not feed each other, "
                               "each stage calibrated on the model quantized so far (GPTQ's sequential mode)")
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
     sparse_min: float = option(0.3, "layers with at least this fraction of exact zeros (e.g. after prune) are "
                                "stored sparse: only the non-zeros are quantized, zeros stay exactly zero; 1 = never",
                                min=0.0, max=1.0)
+
+    def _table_bits(self, tied: bool) -> int:
+        """Bits of an embedding table (``tied``: an LM head reads it too)."""
+        if self.embedding_bits > 0:
+            return self.embedding_bits
+        if self.embedding_bits < 0 and tied and self.bits < 4:
+            return 8
+        return self.bits
 
     @property
     def integer_kernels(self) -> bool:
@@ -135,7 +144,8 @@ class Quant(Pass):
             sharing.setdefault(keys[node.name], []).append(node)
         plan = read_plan(model)
         tables = {keys[n.name] for n in candidates if n.op == "Gather"}
-        bits_of = {n.name: planned_bits(plan, n.name, self.embedding_bits if self.embedding_bits and keys[n.name] in tables
+        tied = {key for key in tables if any(m.op in ("MatMul", "Gemm") for m in sharing[key])}
+        bits_of = {n.name: planned_bits(plan, n.name, self._table_bits(keys[n.name] in tied) if keys[n.name] in tables
                                         else self.bits, 2, 8, self.name) for n in candidates}
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
         sequential = self.sequential and ctx.calib is not None
