@@ -1,0 +1,120 @@
+"""tune: distillation toward the input model lowers the loss and keeps every zero exactly zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import mlp_model
+
+from qcompile.errors import UsageError
+from qcompile.ir import qops
+from qcompile.ir.canonicalize import canonicalize
+from qcompile.ir.model import Model
+from qcompile.ir.sparse import SparseWeight
+from qcompile.passes import registry
+from qcompile.passes.calibration import CalibrationSet, random_calibration
+from qcompile.passes.context import PassContext
+from qcompile.passes.layers import as_rows, weight_of
+from qcompile.passes.manager import PassManager
+
+torch = pytest.importorskip("torch")
+
+from qcompile.passes.tune import Tune, _distillation_loss  # noqa: E402
+
+TUNE = "tune(steps=30,lr=0.003,batch=8)"
+
+
+def _run(model: Model, spec: str, calib: CalibrationSet | None):
+    return PassManager(registry.parse_pipeline(spec), eval_samples=calib).run(model, PassContext(calib=calib))
+
+
+def _mlp() -> tuple[Model, CalibrationSet]:
+    model = canonicalize(Model.from_proto(mlp_model()))
+    return model, random_calibration(model, 32)
+
+
+def _weights(model: Model) -> dict[str, np.ndarray]:
+    return {n.name: as_rows(n, np.asarray(weight_of(n).values)) for n in model.graph.nodes
+            if weight_of(n) is not None and n.op != "Gather"}
+
+
+@pytest.mark.parametrize("prune", ["prune(sparsity=0.5,method=wanda,min_size=0)", "prune(pattern=2:4,min_size=0)",
+                                   "prune(sparsity=0.7,scope=layer,min_size=0)"])
+def test_zeros_stay_exactly_zero_and_the_loss_drops(prune):
+    model, calib = _mlp()
+    pruned, _ = _run(model, prune, calib)
+    tuned, (_, record) = _run(model, f"{prune},{TUNE}", calib)
+    before, after = _weights(pruned), _weights(tuned)
+    for name, weight in before.items():
+        np.testing.assert_array_equal(after[name] == 0, weight == 0, err_msg=name)  # the same mask, bit for bit
+        assert not np.array_equal(after[name], weight), f"{name} was not trained"
+    if "2:4" in prune:
+        for weight in after.values():
+            assert (np.count_nonzero(weight.reshape(weight.shape[0], -1, 4), axis=2) <= 2).all()
+    stats = record.stats
+    assert record.changed and stats["kept"] and stats["masks_preserved"] and stats["steps"] == 30
+    assert stats["calib_error_after"]["relative_error"] < 0.5 * stats["calib_error_before"]["relative_error"]
+    assert stats["loss_end"] < stats["loss_start"]
+    assert {layer["mask_preserved"] for layer in stats["layers"].values()} == {True}
+    assert record.output_error["y"]["cosine"] > _run(model, prune, calib)[1][0].output_error["y"]["cosine"]
+
+
+def test_results_are_reproducible_and_follow_the_seed():
+    model, calib = _mlp()
+    spec = f"prune(sparsity=0.5,min_size=0),{TUNE.replace('steps=30', 'steps=5')}"
+    first, second = (_weights(_run(model, spec, calib)[0]) for _ in range(2))
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+    other = PassManager(registry.parse_pipeline(spec)).run(model, PassContext(calib=calib, seed=1))[0]
+    assert any(not np.array_equal(first[n], w) for n, w in _weights(other).items())
+
+
+def test_train_biases_and_norms_too():
+    model, calib = _mlp()
+    _, (_, record) = _run(model, f"prune(sparsity=0.5,min_size=0),{TUNE[:-1]},train=biases)", calib)
+    assert record.stats["trained_tensors"] == 6 and record.stats["trained_weights"] == 3  # w1..w3, b1..b3
+
+
+def test_composes_with_sparse_quantization():
+    model, calib = _mlp()
+    tuned, _ = _run(model, f"prune(sparsity=0.5,min_size=0),{TUNE}", calib)
+    masks = {name: weight == 0 for name, weight in _weights(tuned).items()}
+    result, records = _run(model, f"prune(sparsity=0.5,min_size=0),{TUNE},quant(bits=4,method=gptq,min_size=0)",
+                           calib)
+    decoded = {n.name: qops.read_weight(n) for n in result.graph.nodes if n.op == "QMatMul"}
+    assert sorted(decoded) == ["fc1", "fc2", "fc3"]
+    for name, weight in decoded.items():
+        assert isinstance(weight, SparseWeight)
+        assert (weight.dequantize()[masks[name]] == 0).all()
+    assert records[-1].output_error["y"]["cosine"] > 0.9
+
+
+def test_loss_leaves_padding_positions_out():
+    teacher = torch.randn(2, 5, 4)
+    student = teacher.clone()
+    student[1, 3:] += 100.0  # padding positions: any value
+    feed = {"attention_mask": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed)) == 0.0
+    student[0, 0] += 1.0
+    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed)) > 0.0
+
+
+def test_needs_calibration_teacher_and_a_float_model():
+    model, calib = _mlp()
+    with pytest.raises(UsageError, match="^pass tune needs calibration data"):
+        _run(model, "prune(min_size=0),tune", None)
+    with pytest.raises(UsageError, match="needs the pipeline's input model"):
+        Tune().run(model.copy(), PassContext(calib=calib))
+    with pytest.raises(UsageError, match=r"run it before quant \(QGather 'embed' is already quantized\)"):
+        _run(model, "quant(bits=4,min_size=0),tune", calib)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tune(steps=0)", "tune: steps=0 is out of range"),
+    ("tune(lr=fast)", "tune: lr=fast is not valid"),
+    ("tune(train=everything)", "tune: train=everything is not valid: expected one of weights, biases, all"),
+    ("tune(epochs=3)", "tune: unknown option 'epochs'"),
+])
+def test_bad_options_name_the_problem(spec, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        registry.parse_pipeline(spec)
