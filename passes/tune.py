@@ -73,6 +73,8 @@ class Tune(Pass):
     trim_padding: bool = option(True, "with an attention_mask (right padding): drop each batch's trailing "
                                 "padding columns (exact for masked encoders; faster)")
     skip: tuple[str, ...] = option((), "node-name glob patterns whose weights stay as they are, separated by |")
+    hidden: float = option(0.0, "weight of a second loss term matching the outputs of every LayerNormalization "
+                           "(transformer block outputs) to the teacher's; 0 = model outputs only", min=0.0, max=100.0)
     threads: int = option(1, "CPU threads for training and the teacher (0 = every core); on a shared 2-core "
                           "machine one thread ran MiniLM steps 3-6x faster than two", min=0, max=1024)
 
@@ -85,21 +87,22 @@ class Tune(Pass):
         started = time.perf_counter()
         torch.manual_seed(ctx.seed)
         student = TorchGraph(model, dict.fromkeys(names))
-        session = runtime.make_session(teacher, threads=self.threads or None)
+        hidden = _hidden_tensors(model, teacher) if self.hidden > 0 else []
+        session = runtime.make_session(teacher, threads=self.threads or None, extra_outputs=hidden)
         bool_masks = {name: torch.from_numpy(mask) for name, mask in masks.items()}
         evaluation = calib.head(min(EVAL_SAMPLES, calib.n_samples))
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads or os.cpu_count() or 1)
         try:
             before = self._evaluate(student, session, evaluation)
-            losses = self._train(student, session, calib, bool_masks, ctx)
+            losses = self._train(student, session, calib, bool_masks, hidden, ctx)
             after = self._evaluate(student, session, evaluation)
         finally:
             torch.set_num_threads(previous_threads)
         kept = after["relative_error"] < before["relative_error"]
         layers = _write_back(model, student, masks) if kept else {}
         stats: dict[str, Any] = {
-            "steps": len(losses), "trained_tensors": len(names), "trained_weights": len(masks),
+            "steps": len(losses), "hidden_matched": len(hidden), "trained_tensors": len(names), "trained_weights": len(masks),
             "trained_params": int(sum(student.parameter(n).numel() for n in names)),
             "loss_start": round(losses[0], 6), "loss_end": round(float(np.mean(losses[-max(1, len(losses) // 10):])), 6),
             "calib_error_before": before, "calib_error_after": after, "eval_samples": evaluation.n_samples,
@@ -131,7 +134,7 @@ class Tune(Pass):
     # -- training ----------------------------------------------------------------------
 
     def _train(self, student: TorchGraph, session, calib: CalibrationSet, masks: dict[str, torch.Tensor],
-               ctx: PassContext) -> list[float]:
+               hidden: list[str], ctx: PassContext) -> list[float]:
         parameters = list(student.parameters())
         optimizer = torch.optim.Adam(parameters, lr=self.lr)
         warmup = max(1, round(WARMUP_FRACTION * self.steps))
@@ -145,7 +148,11 @@ class Tune(Pass):
             feeds = next(batches)
             for feed in feeds:  # several only when samples cannot be batched (inputs without a batch axis)
                 feed = self._trimmed(feed)
-                loss = _distillation_loss(student(feed), _teacher(session, feed), feed) / len(feeds)
+                outputs, targets = student(feed, hidden), _teacher(session, feed)
+                loss = _distillation_loss(outputs, targets, feed, student.output_names)
+                if hidden:
+                    loss = loss + self.hidden * _distillation_loss(outputs, targets, feed, hidden)
+                loss = loss / len(feeds)
                 loss.backward()
                 total += loss.item()
             for name, mask in masks.items():
@@ -218,11 +225,13 @@ def _real_rows(student: torch.Tensor, teacher: torch.Tensor, feed: dict[str, np.
 
 
 def _distillation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
-                       feed: dict[str, np.ndarray]) -> torch.Tensor:
-    """Mean over float outputs of squared error / teacher energy, on real positions."""
+                       feed: dict[str, np.ndarray], names: list[str]) -> torch.Tensor:
+    """Mean over the float tensors ``names`` of squared error / teacher energy, on real positions."""
     terms = []
-    for name, target in teacher.items():
-        s, t = _real_rows(student[name], target, feed)
+    for name in names:
+        if name not in teacher:
+            continue  # not a float output
+        s, t = _real_rows(student[name], teacher[name], feed)
         terms.append((s - t).square().sum() / t.square().sum().clamp_min(1e-30))
     return torch.stack(terms).mean()
 
@@ -254,6 +263,14 @@ def _feeds(calib: CalibrationSet, indices: list[int], batch: int) -> Iterator[di
 
 
 # -- what is trained -----------------------------------------------------------------------
+
+
+def _hidden_tensors(model: Model, teacher: Model) -> list[str]:
+    """Outputs of the student's LayerNormalization nodes that the teacher computes too (same name)."""
+    known = teacher.tensors()
+    outputs = {t.name for t in model.graph.outputs}
+    return [node.outputs[0].name for node in model.graph.nodes if node.op == "LayerNormalization"
+            and node.outputs[0].name in known and node.outputs[0].name not in outputs]
 
 
 def _weight_masks(model: Model, skip: tuple[str, ...]) -> dict[str, np.ndarray]:

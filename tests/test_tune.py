@@ -94,9 +94,9 @@ def test_loss_leaves_padding_positions_out():
     student = teacher.clone()
     student[1, 3:] += 100.0  # padding positions: any value
     feed = {"attention_mask": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
-    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed)) == 0.0
+    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed, ["h"])) == 0.0
     student[0, 0] += 1.0
-    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed)) > 0.0
+    assert float(_distillation_loss({"h": student}, {"h": teacher}, feed, ["h"])) > 0.0
 
 
 def test_needs_calibration_teacher_and_a_float_model():
@@ -118,3 +118,31 @@ def test_needs_calibration_teacher_and_a_float_model():
 def test_bad_options_name_the_problem(spec, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         registry.parse_pipeline(spec)
+
+
+def _norm_model() -> Model:
+    """MatMul -> LayerNormalization -> MatMul: a block output for ``hidden`` to match."""
+    from conftest import make_model
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", (rng.standard_normal((32, 64)) / 5).astype(f)), ("gamma", (1 + 0.3 * rng.standard_normal(64)).astype(f)),
+        ("beta", (0.1 * rng.standard_normal(64)).astype(f)), ("w2", (rng.standard_normal((64, 16)) / 8).astype(f))]]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2")]
+    value = helper.make_tensor_value_info
+    return canonicalize(Model.from_proto(make_model(nodes, [value("x", TensorProto.FLOAT, ["batch", 32])],
+                                                    [value("y", TensorProto.FLOAT, ["batch", 16])], inits)))
+
+
+def test_hidden_matching_and_norm_parameters():
+    model = _norm_model()
+    calib = random_calibration(model, 32)
+    spec = f"prune(sparsity=0.6,min_size=0),{TUNE[:-1]},hidden=1,train=all)"
+    _, (_, record) = _run(model, spec, calib)
+    stats = record.stats
+    assert stats["hidden_matched"] == 1 and stats["trained_tensors"] == 4  # w1, w2, gamma, beta
+    assert stats["calib_error_after"]["relative_error"] < 0.5 * stats["calib_error_before"]["relative_error"]
