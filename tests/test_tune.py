@@ -146,3 +146,13 @@ def test_hidden_matching_and_norm_parameters():
     stats = record.stats
     assert stats["hidden_matched"] == 1 and stats["trained_tensors"] == 4  # w1, w2, gamma, beta
     assert stats["calib_error_after"]["relative_error"] < 0.5 * stats["calib_error_before"]["relative_error"]
+
+
+def test_command_line_refuses_without_calibration(tmp_path, mlp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qcompile", str(mlp_path), "--passes", "prune(min_size=0),tune",
+                           "-o", str(tmp_path / "never")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert "pass tune needs calibration data" in done.stderr and not (tmp_path / "never").exists()
