@@ -64,8 +64,8 @@ class Tune(Pass):
     requires_calibration: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = True
 
-    steps: int = option(100, "optimizer steps", min=1, max=1_000_000)
-    lr: float = option(1e-4, "peak learning rate of Adam (linear warm-up, cosine decay)", min=1e-8, max=1.0)
+    steps: int = option(200, "optimizer steps", min=1, max=1_000_000)
+    lr: float = option(3e-4, "peak learning rate of Adam (linear warm-up, cosine decay)", min=1e-8, max=1.0)
     batch: int = option(16, "calibration samples per step", min=1, max=65536)
     train: str = option("weights", "what is trained: weights = MatMul/Gemm/Conv weights; biases = also their "
                         "biases; all = also LayerNorm/BatchNorm scales and shifts",
