@@ -1,8 +1,9 @@
 """Pruning on all-MiniLM-L6-v2 next to FP32 and ONNX Runtime's own quantizers, in one run.
 
 Settings: 50% unstructured (magnitude vs Wanda, with and without the SparseGPT update),
-2:4, and 50% + 4-bit GPTQ (sparse storage); ORT int8 dynamic and MatMulNBits 4-bit as the
-reference points. Columns as in ``benchmarks/minilm.py``: MB on disk (whole artifact for
+2:4, and 50% + 4-bit GPTQ (sparse storage), each also followed by ``tune`` (distillation
+with the masks fixed, on the calibration sentences only); ORT int8 dynamic and
+MatMulNBits 4-bit as the reference points. Columns as in ``benchmarks/minilm.py``: MB on disk (whole artifact for
 qcompile), mean/min cosine of mean-pooled sentence embeddings vs FP32 on real English
 sentences (held apart from the calibration ones), latency relative to FP32 measured
 round-robin (ONNX Runtime has no sparse kernel: pruned layers run dense).
@@ -57,6 +58,10 @@ QCOMPILE_SETTINGS = [
     "prune(sparsity=0.5,method=wanda),quant(bits=4,method=gptq)",
     "prune(sparsity=0.5,method=wanda,update=true),quant(bits=4,method=gptq)",
     "prune(sparsity=0.5,method=wanda,embeddings=true),quant(bits=4,method=gptq)",
+    "prune(sparsity=0.5,method=wanda),tune",
+    "prune(pattern=2:4,method=wanda),tune",
+    "prune(sparsity=0.5,method=wanda),tune,quant(bits=4,method=gptq)",
+    "prune(sparsity=0.5,method=wanda,embeddings=true),tune,quant(bits=4,method=gptq)",
 ]
 
 

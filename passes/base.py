@@ -73,6 +73,9 @@ class Pass:
     exact: ClassVar[bool] = False  # outputs unchanged up to float round-off
     requires_calibration: ClassVar[bool] = False
     runs_after: ClassVar[tuple[str, ...]] = ()  # these passes, when present, must come first
+    # Reads the model as it entered the pipeline (``ctx.reference``, e.g. a distillation
+    # teacher): the manager keeps it only when some pass of the pipeline says so.
+    needs_reference: ClassVar[bool] = False
 
     def run(self, model, ctx) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -61,6 +61,10 @@ class PassContext:
     # ranges without padding rows give 0.9317 against 0.9528 with them, and neither an
     # output-weighted range search (0.9219) nor unclipped ranges (0.9122) do better.
     skip_padding: bool = True
+    # The model as it entered the pipeline, for passes with ``needs_reference`` (``tune``'s
+    # teacher); set by the manager only then. Not a copy: passes never edit it (they work on
+    # the manager's copy), so it costs no memory beyond the input model the caller holds.
+    reference: Model | None = None
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded by ``seed`` and ``salt`` (e.g. a layer name): order-independent."""

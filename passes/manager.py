@@ -94,6 +94,8 @@ class PassManager:
         ``on_pass(index, pass)`` is called before each pass, ``after_pass`` after it.
         """
         check_requirements(self.pipeline, ctx)
+        if any(pass_.needs_reference for pass_ in self.pipeline):
+            ctx.reference = model  # passes edit only ``current``, a copy
         reference = self._outputs(model)
         previous = reference
         current = model.copy()

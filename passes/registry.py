@@ -24,6 +24,7 @@ BUILTIN_PASSES = {
     "quant": "qcompile.passes.quant:Quant",
     "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
     "split": "qcompile.passes.split:Split",
+    "tune": "qcompile.passes.tune:Tune",
 }
 
 
