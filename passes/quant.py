@@ -87,8 +87,9 @@ class Quant(Pass):
                                  "it, and small LMs lose the most there", choices=(-1, 0, 2, 3, 4, 5, 6, 7, 8))
     cluster_group_size: int = option(0, "split groups (cluster format): weights per grid along the reduction "
                                      "axis; 0 = one grid per row and cluster", choices=(0, 16, 32, 64, 128, 256))
-    sequential: bool = option(True, "with --calib: quantize in stages of layers that do not feed each other, "
-                              "each stage calibrated on the model quantized so far (GPTQ's sequential mode)")
+    sequential: str = option("auto", "with --calib: quantize in stages of layers that do not feed each other, "
+                             "each stage calibrated on the model quantized so far (how GPTQ's authors run it); "
+                             "auto = true for method=gptq", choices=("auto", "true", "false"))
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
     sparse_min: float = option(0.3, "layers with at least this fraction of exact zeros (e.g. after prune) are "
@@ -148,7 +149,8 @@ class Quant(Pass):
         bits_of = {n.name: planned_bits(plan, n.name, self._table_bits(keys[n.name] in tied) if keys[n.name] in tables
                                         else self.bits, 2, 8, self.name) for n in candidates}
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))
-        sequential = self.sequential and ctx.calib is not None
+        sequential = ctx.calib is not None and (self.sequential == "true" or (self.sequential == "auto"
+                                                                             and self.method == "gptq"))
         stages = self._stages(model, candidates, groups, keys) if sequential else [(candidates, groups)]
         source = ctx.sequential() if sequential else ctx
         shared: dict[tuple, tuple[Weight, list[gs.Constant]]] = {}

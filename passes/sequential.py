@@ -76,6 +76,9 @@ class SequentialStatistics:
         self.executed: set[int] = set()  # ids of the nodes already run ...
         self._run: list[gs.Node] = []  # ... kept alive, so that no new node reuses an id
         self.segments = 0
+        # a graph a segment cannot be cut from (sequence-typed values, ops whose segment ONNX
+        # Runtime rejects) falls back to whole-model runs, which compute the same statistics
+        self.whole_model = False
 
     def statistics(self, model: Model, *, gram_of: Iterable[str] = (), rows_of: Iterable[str] = ()
                    ) -> tuple[dict[str, tuple[np.ndarray, int, np.ndarray]], dict[str, np.ndarray]]:
@@ -83,9 +86,16 @@ class SequentialStatistics:
         targets = list(dict.fromkeys([*gram_names, *row_names]))
         if not targets:
             return {}, {}
-        if _has_subgraphs(model.graph):  # implicit inputs of If/Loop bodies: run the whole model instead
+        if self.whole_model or _has_subgraphs(model.graph):  # (implicit inputs of If/Loop bodies)
             return self.ctx.statistics(model, gram_of=gram_names, rows_of=row_names)
-        values = self._run_segment(model, targets)
+        try:
+            values = self._run_segment(model, targets)
+        except Exception as exc:  # noqa: BLE001 - segments only save time: the whole model gives the same values
+            log.info("sequential calibration: running the whole model per stage from here (%s: %s)",
+                     type(exc).__name__, exc)
+            self.whole_model = True
+            self.cache = [{} for _ in self.feeds]
+            return self.ctx.statistics(model, gram_of=gram_names, rows_of=row_names)
         parts = {name: [(rows, token_rows(feed, value) if self.ctx.skip_padding and name in gram_names else None)
                         for feed, value, rows in ((f, v, _as_rows(v)) for f, v in zip(self.feeds, values[name],
                                                                                       strict=True))]
@@ -130,7 +140,7 @@ class SequentialStatistics:
         in_segment = {id(n) for n in segment}
         # what later nodes will read: outputs of this segment consumed outside it (or asked for)
         wanted = [t.name for node in segment for t in node.outputs
-                  if t.name in targets or any(id(c) not in in_segment for c in t.outputs)]
+                  if t.name and (t.name in targets or any(id(c) not in in_segment for c in t.outputs))]
         outputs = list(dict.fromkeys([*targets, *wanted]))
         direct = [name for name in outputs if name in needed_inputs]  # asked for a value already known
         fetched = [name for name in outputs if name not in needed_inputs]
@@ -147,7 +157,9 @@ class SequentialStatistics:
                                          f"({self.ctx.calib.source if self.ctx.calib else '?'}): "
                                          f"{runtime.ort_message(exc)}") from None
                 for name, value in zip(fetched, values, strict=True):
-                    results[name].append(np.asarray(value))
+                    if not isinstance(value, np.ndarray):
+                        raise TypeError(f"{name!r} is not a tensor")
+                    results[name].append(value)
         for name in direct:
             results[name] = [{**feed, **cache}[name] for feed, cache in zip(self.feeds, self.cache, strict=True)]
         self.segments += 1
