@@ -118,3 +118,21 @@ def test_bits_plans_a_tied_weight_once_and_shiftadd_stores_it_once(llama):
     assert shift_result.stats["weight_bytes"] == sum(
         qops.read_weight(n).nbytes for n in {id(n.inputs[0] if n.op == "QGather" else n.inputs[1]): n
                                              for n in model.quantized_nodes()}.values())
+
+
+def test_a_graph_that_cannot_be_cut_falls_back_to_whole_model_runs(monkeypatch):
+    model = canonicalize(Model.from_proto(mlp_model()))
+    ctx = PassContext(calib=random_calibration(model, 6))
+    source = ctx.sequential()
+
+    def refuse(*_args, **_kwargs):
+        raise TypeError("'seq' is not a tensor")
+
+    monkeypatch.setattr(source, "_run_segment", refuse)
+    candidates, _ = select_layers(model, skip=(), embeddings=False, min_size=0)
+    names = [n.inputs[0].name for n in layer_stages(model, candidates)[1]]
+    grams, _ = source.statistics(model, gram_of=names)
+    expected, _ = ctx.statistics(model, gram_of=names)
+    assert source.whole_model and grams.keys() == expected.keys()
+    for name in names:
+        np.testing.assert_array_equal(grams[name][0], expected[name][0])
