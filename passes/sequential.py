@@ -146,7 +146,7 @@ class SequentialStatistics:
         fetched = [name for name in outputs if name not in needed_inputs]
         results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
         if fetched:
-            session = runtime.make_session(self._segment_proto(model, segment, needed_inputs, fetched))
+            session = runtime.make_session(self._segment_proto(model, tensors, segment, needed_inputs, fetched))
             feed_names = [i.name for i in session.get_inputs()]
             for index, feed in enumerate(self.feeds):
                 known_values = {**feed, **self.cache[index]}
@@ -171,11 +171,10 @@ class SequentialStatistics:
         self._drop_consumed(tensors)
         return results
 
-    def _segment_proto(self, model: Model, segment: list[gs.Node], inputs: dict[str, gs.Tensor],
-                       outputs: list[str]) -> onnx.ModelProto:
+    def _segment_proto(self, model: Model, tensors: dict[str, gs.Tensor], segment: list[gs.Node],
+                       inputs: dict[str, gs.Tensor], outputs: list[str]) -> onnx.ModelProto:
         """The segment as a model of its own (the quantized ops' reference functions included)."""
-        tensors = model.graph.tensors()
-        graph = gs.Graph(nodes=segment, inputs=[tensors[n] for n in inputs], outputs=[tensors[n] for n in outputs],
+        graph = gs.Graph(nodes=segment, inputs=list(inputs.values()), outputs=[tensors[n] for n in outputs],
                          opset=model.graph.opset, import_domains=list(model.graph.import_domains or []),
                          functions=model.graph.functions)
         proto = Model(graph, metadata=model.metadata).to_proto()

@@ -97,8 +97,7 @@ class ShiftAdd(Pass):
             shared.update(self._fit_all(stage, plan, grams, keys, ctx))
             for node in stage:
                 bits = planned_bits(plan, node.name, self.bits, 1, 4, self.name)
-                layers[node.name] = self._rewrite(model, node, bits, shared, keys[node.name],
-                                                  grams.get(node.inputs[0].name))
+                layers[node.name] = self._rewrite(model, node, bits, shared, keys[node.name], grams)
                 ctx.progress.advance()
         if candidates:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -160,10 +159,9 @@ class ShiftAdd(Pass):
         return bcq_rowwise(matrix, bits, terms=self.apot_terms, col_group=self.table_group, rounds=self.rounds,
                            outliers=self.outliers, outlier_terms=self.outlier_terms)
 
-    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, key: str, gram_rows: tuple | None
-                 ) -> dict:
+    def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, key: str, grams: dict) -> dict:
         matrix, _, _ = layer_matrix(node)
-        gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
+        gram = _gram_for(grams, node, matrix)
         fitted, constants = shared[(key, bits)]
         rewrite(model, node, fitted, constants, self.name)
         stats = layer_stats(node.op, matrix, fitted, gram)
