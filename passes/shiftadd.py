@@ -77,6 +77,9 @@ class ShiftAdd(Pass):
     damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal", min=0.0, max=1.0)
     act_order: bool = option(True, "walk the columns (blocks) with the largest input energy first")
     embeddings: bool = option(True, "quantize Gather embedding tables too")
+    embedding_bits: int = option(-1, "planes of embedding tables and of an LM head tied to one; 0 = bits; -1 = auto "
+                                 "(4 for a table tied to an LM head when bits < 4, else bits): every logit reads "
+                                 "it, and small LMs lose the most there", min=-1, max=4)
     skip: tuple[str, ...] = option((), "node-name glob patterns left in float, separated by |")
     min_size: int = option(1024, "layers with fewer weights stay in float", min=0)
 
@@ -87,6 +90,7 @@ class ShiftAdd(Pass):
         candidates, skipped = self._select(model)
         ctx.progress.start(f"{self.name}: layers", len(candidates))
         keys = {node.name: content_key(layer_matrix(node)[0]) for node in candidates}
+        bits_of = self._bits_of(candidates, keys, plan)
         stages = layer_stages(model, candidates, shared=lambda node: keys[node.name]) if self.sequential \
             else [candidates]
         source = ctx.sequential() if self.sequential else ctx
@@ -94,10 +98,9 @@ class ShiftAdd(Pass):
         layers = {}
         for stage in stages:
             grams, _ = source.statistics(model, gram_of=[n.inputs[0].name for n in stage if n.op in ("MatMul", "Gemm")])
-            shared.update(self._fit_all(stage, plan, grams, keys, ctx))
+            shared.update(self._fit_all(stage, bits_of, grams, keys, ctx))
             for node in stage:
-                bits = planned_bits(plan, node.name, self.bits, 1, 4, self.name)
-                layers[node.name] = self._rewrite(model, node, bits, shared, keys[node.name], grams)
+                layers[node.name] = self._rewrite(model, node, bits_of[node.name], shared, keys[node.name], grams)
                 ctx.progress.advance()
         if candidates:
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -120,9 +123,28 @@ class ShiftAdd(Pass):
     def _select(self, model: Model) -> tuple[list[gs.Node], dict[str, str]]:
         return select_layers(model, skip=self.skip, embeddings=self.embeddings, min_size=self.min_size)
 
+    def _bits_of(self, candidates: list[gs.Node], keys: dict[str, str], plan) -> dict[str, int]:
+        """Planes per layer: the plan's where it names the layer, else ``embedding_bits`` for tables
+        (and the LM head tied to one), ``bits`` for the rest."""
+        sharing: dict[str, set[str]] = {}
+        for node in candidates:
+            sharing.setdefault(keys[node.name], set()).add(node.op)
+        tables = {key for key, ops in sharing.items() if "Gather" in ops}
+        tied = {key for key in tables if sharing[key] & {"MatMul", "Gemm"}}
+
+        def default(node: gs.Node) -> int:
+            key = keys[node.name]
+            if key not in tables or self.embedding_bits == 0:
+                return self.bits
+            if self.embedding_bits > 0:
+                return self.embedding_bits
+            return max(self.bits, 4) if key in tied else self.bits
+
+        return {n.name: planned_bits(plan, n.name, default(n), 1, 4, self.name) for n in candidates}
+
     # -- rewriting -----------------------------------------------------------------------
 
-    def _fit_all(self, candidates: list[gs.Node], plan, grams: dict, keys: dict[str, str], ctx: PassContext
+    def _fit_all(self, candidates: list[gs.Node], bits_of: dict[str, int], grams: dict, keys: dict[str, str], ctx: PassContext
                  ) -> dict[tuple, tuple[BCQWeight | BCQOutlierWeight, list[gs.Constant]]]:
         """Every distinct (weight, bits) fitted through ``ctx.executor`` (float weights read one per item).
 
@@ -130,8 +152,7 @@ class ShiftAdd(Pass):
         """
         members: dict[tuple, list[gs.Node]] = {}
         for node in candidates:
-            members.setdefault((keys[node.name], planned_bits(plan, node.name, self.bits, 1, 4, self.name)),
-                               []).append(node)
+            members.setdefault((keys[node.name], bits_of[node.name]), []).append(node)
         prefixes: dict[tuple, str] = {}
 
         def items():

@@ -206,6 +206,17 @@ def test_a_table_tied_to_the_lm_head_keeps_8_bits_below_4_by_default(tiny, spec,
     assert {b for name, b in bits.items() if name not in (gather.name, head.name)} == {int(spec[11])}
 
 
+@pytest.mark.parametrize("spec, table", [("shiftadd(bits=2,min_size=0)", 4), ("shiftadd(bits=3,embedding_bits=0,min_size=0)", 3),
+                                         ("shiftadd(bits=2,embedding_bits=3,min_size=0)", 3)])
+def test_shiftadd_keeps_a_tied_table_at_4_planes_below_4_by_default(tiny, spec, table):
+    model = canonicalize(io.load(tiny["prefill"]))
+    _run_passes(model, spec, _calibration())
+    bits = {n.name: qops.read_weight(n).bits for n in model.quantized_nodes()}
+    gather, head = [n for n in model.quantized_nodes() if n.op == "QGather" or n.outputs[0].name == "logits"]
+    assert bits[gather.name] == bits[head.name] == table and gather.inputs[0] is head.inputs[1]
+    assert {b for name, b in bits.items() if name not in (gather.name, head.name)} == {int(spec[14])}
+
+
 class _CharTokenizer:
     """One token per byte (a tokenizer for the tiny vocabulary)."""
 
