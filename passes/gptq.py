@@ -21,18 +21,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.linalg import lapack
 
 from qcompile.ir.qformat import QuantizedWeight, effective_group_size, from_codes, quantize_int
 
 
 def inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``."""
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is the inverse).
+
+    With ``J`` the order reversal, ``J A J = L L^T`` gives ``A = R R^T`` for the upper ``R = J L J``,
+    so ``A^-1 = (R^-1)^T R^-1`` and ``U = J L^-1 J``: one Cholesky and one triangular inverse,
+    about a quarter of the work of inverting ``A`` and factoring the inverse.
+    """
     size = hessian.shape[0]
     damped = hessian + np.eye(size) * damp * max(float(np.mean(np.diag(hessian))), 1e-8)
-    lower = np.linalg.cholesky(damped)
-    lower_inv = np.linalg.solve(lower, np.eye(size))
-    inverse = lower_inv.T @ lower_inv
-    return np.linalg.cholesky(inverse).T
+    lower = np.linalg.cholesky(damped[::-1, ::-1])
+    inverse, info = lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
+    return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
 def prepare_hessian(weight: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

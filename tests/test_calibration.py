@@ -132,3 +132,16 @@ def test_padding_tokens_are_left_out_of_statistics():
     grams, captured = PassContext(calib=calib).statistics(model, gram_of=["y"], rows_of=["y"])
     assert grams["y"][1] == 5 and captured["y"].shape == (8, 3)
     assert PassContext(calib=calib, skip_padding=False).gram(model, ["y"])["y"][1] == 8
+
+
+def test_gram_stacks_samples_into_blocks_without_changing_the_sums():
+    from qcompile.passes.context import _gram
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((int(n), 5)).astype(np.float32) for n in rng.integers(1, 9, size=23)]
+    rows = np.concatenate(parts).astype(np.float64)
+    for chunk_rows in (1, 7, 4096):  # one part per block, several per block, all in one
+        gram, count, sums = _gram(parts, chunk_rows=chunk_rows)
+        np.testing.assert_allclose(gram, rows.T @ rows, rtol=1e-12)
+        np.testing.assert_allclose(sums, rows.sum(0), rtol=1e-12)
+        assert count == rows.shape[0]
