@@ -98,11 +98,19 @@ class TorchGraph(torch.nn.Module):
         """Current values of the trainable constants, as NumPy arrays."""
         return {name: self.weights[key].detach().cpu().numpy().copy() for name, key in self._keys.items()}
 
-    def forward(self, feeds: Mapping[str, Any], extra_outputs: Iterable[str] = ()) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, feeds: Mapping[str, Any], extra_outputs: Iterable[str] = (),  # type: ignore[override]
+                overrides: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Outputs (and ``extra_outputs``) for ``feeds``. ``overrides``: values for constants,
+        computed by the caller (e.g. a quantized weight decoded from trainable scales, so the
+        gradient flows to them); they replace the constants for this call only."""
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise UsageError(f"missing model input {missing[0]!r}")
         env: dict[str, Tensor] = {name: _as_tensor(value) for name, value in feeds.items()}
+        for name, value in (overrides or {}).items():
+            if name not in self._constants and name not in self._keys:
+                raise UsageError(f"no constant named {name!r} in the model")
+            env[name] = value
         keep = set(self.output_names) | set(extra_outputs)
         for index, node in enumerate(self.nodes):
             inputs = [None if not t.name else self._value(t, env) for t in node.inputs]

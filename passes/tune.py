@@ -1,4 +1,4 @@
-"""``tune``: recover accuracy after pruning by knowledge distillation, masks fixed.
+"""``tune``: recover accuracy after pruning or quantization by knowledge distillation, masks and codes fixed.
 
 One-shot pruning (``prune``) leaves an error that no per-layer method removes on a small
 model (MiniLM 50% Wanda: cosine 0.87). Production sparsity tools (NNCF, SparseML) retrain
@@ -17,10 +17,16 @@ decay of the learning rate. Weights that are exactly zero stay exactly zero: the
 gradients are masked and the mask is re-applied after every step, so unstructured, per-row
 and N:M patterns are kept bit for bit (stats check it per layer).
 
+After ``quant`` or ``shiftadd`` the quantized layers' codes stay fixed and their group
+scales (``int``) or alphas (``bcq``) are trained as relative changes at ``scale_lr``, then
+stored in their format again (float16 scales; alphas rounded to sums of powers of two),
+see :mod:`.tunequant`; the student runs their decoded weights, computed from those scales
+at every step. Float layers (left by ``skip``/``min_size``) train as above.
+
 Lossy (it changes the weights) but never worse on the calibration data: the relative
-output error on the first calibration samples is measured before and after, and the
-original weights are kept when training did not lower it. Seeded by ``ctx.seed``.
-Precondition: a float model (run ``tune`` before ``quant``) and calibration data.
+output error on the first calibration samples is measured before and after (after: with
+the scales as stored), and the original weights are kept when training did not lower it.
+Seeded by ``ctx.seed``. Needs calibration data.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ import onnx_graphsurgeon as gs
 import torch
 
 from qcompile.errors import UsageError
-from qcompile.ir import runtime
+from qcompile.ir import qops, runtime
 from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.torch_exec import TorchGraph
 
-from .base import Pass, PassResult, option
+from .base import Pass, PassResult, matches_any, option
 from .calibration import CalibrationSet
 from .context import PassContext
 from .layers import select_layers, weight_of
+from .tunequant import QuantScales, quant_scales
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +84,25 @@ class Tune(Pass):
                            "(transformer block outputs) to the teacher's; 0 = model outputs only", min=0.0, max=100.0)
     threads: int = option(1, "CPU threads for training and the teacher (0 = every core); on a shared 2-core "
                           "machine one thread ran MiniLM steps 3-6x faster than two", min=0, max=1024)
+    scale_lr: float = option(3e-3, "peak learning rate of the quantized layers' scales and alphas, trained as "
+                             "relative changes (codes stay fixed)", min=0.0, max=1.0)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         calib, teacher = self._check(model, ctx)
+        student_model = model
+        if model.quantized_nodes():  # the student runs the decoded weights, computed from trainable scales
+            student_model = model.copy()
+            qops.decode_to_float(student_model.graph)
+        scales, frozen = quant_scales(model, student_model)
+        scales = [q for q in scales if not any(_skipped(node, self.skip) for node in _readers(model, q))]
         masks = _weight_masks(model, self.skip)
-        names = [*masks, *(_extra_parameters(model, self.train) if self.train != "weights" else [])]
-        if not masks:
-            return PassResult(False, {"trained": 0, "reason": "no MatMul/Gemm/Conv layer with a constant weight"})
+        names = [*masks, *(_extra_parameters(student_model, self.train) if self.train != "weights" else [])]
+        if not masks and not scales:
+            return PassResult(False, {"trained": 0, "reason": "no MatMul/Gemm/Conv layer with a constant weight "
+                                      "or quantized scales", "quantized_frozen": frozen})
         started = time.perf_counter()
         torch.manual_seed(ctx.seed)
-        student = TorchGraph(model, dict.fromkeys(names))
+        student = _Student(TorchGraph(student_model, dict.fromkeys(names)), scales)
         hidden = _hidden_tensors(model, teacher) if self.hidden > 0 else []
         session = runtime.make_session(teacher, threads=self.threads or None, extra_outputs=hidden)
         bool_masks = {name: torch.from_numpy(mask) for name, mask in masks.items()}
@@ -96,14 +112,18 @@ class Tune(Pass):
         try:
             before = self._evaluate(student, session, evaluation)
             losses = self._train(student, session, calib, bool_masks, hidden, ctx)
+            for q in scales:  # evaluate what will be stored: scales in their dtype, alphas as powers of two
+                q.round_to_stored()
             after = self._evaluate(student, session, evaluation)
         finally:
             torch.set_num_threads(previous_threads)
         kept = after["relative_error"] < before["relative_error"]
-        layers = _write_back(model, student, masks) if kept else {}
+        layers = _write_back(model, student.graph, masks) if kept else {}
+        quantized = _write_scales(model, scales) if kept else {}
         stats: dict[str, Any] = {
             "steps": len(losses), "hidden_matched": len(hidden), "trained_tensors": len(names), "trained_weights": len(masks),
-            "trained_params": int(sum(student.parameter(n).numel() for n in names)),
+            "trained_params": int(sum(student.graph.parameter(n).numel() for n in names) + sum(q.params for q in scales)),
+            "quantized_trained": len(scales), "quantized_layers": quantized, "quantized_frozen": frozen,
             "loss_start": round(losses[0], 6), "loss_end": round(float(np.mean(losses[-max(1, len(losses) // 10):])), 6),
             "calib_error_before": before, "calib_error_after": after, "eval_samples": evaluation.n_samples,
             "kept": kept, "seconds": round(time.perf_counter() - started, 1), "layers": layers,
@@ -120,10 +140,6 @@ class Tune(Pass):
         if ctx.reference is None:
             raise UsageError("pass tune needs the pipeline's input model as its teacher: run it through "
                              "qcompile.compile or PassManager")
-        quantized = model.quantized_nodes()
-        if quantized:
-            raise UsageError(f"pass tune trains float weights: run it before quant ({quantized[0].op} "
-                             f"{quantized[0].name!r} is already quantized)")
         student_outputs = [t.name for t in model.graph.outputs]
         teacher_outputs = [t.name for t in ctx.reference.graph.outputs]
         if student_outputs != teacher_outputs:
@@ -133,10 +149,11 @@ class Tune(Pass):
 
     # -- training ----------------------------------------------------------------------
 
-    def _train(self, student: TorchGraph, session, calib: CalibrationSet, masks: dict[str, torch.Tensor],
+    def _train(self, student: _Student, session, calib: CalibrationSet, masks: dict[str, torch.Tensor],
                hidden: list[str], ctx: PassContext) -> list[float]:
-        parameters = list(student.parameters())
-        optimizer = torch.optim.Adam(parameters, lr=self.lr)
+        groups = [{"params": list(student.graph.parameters()), "lr": self.lr},
+                  {"params": [q.delta for q in student.scales], "lr": self.scale_lr}]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]])
         warmup = max(1, round(WARMUP_FRACTION * self.steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, self.steps))
         batches = _batches(calib, self.batch, ctx.rng(self.name))
@@ -149,26 +166,26 @@ class Tune(Pass):
             for feed in feeds:  # several only when samples cannot be batched (inputs without a batch axis)
                 feed = self._trimmed(feed)
                 outputs, targets = student(feed, hidden), _teacher(session, feed)
-                loss = _distillation_loss(outputs, targets, feed, student.output_names)
+                loss = _distillation_loss(outputs, targets, feed, student.graph.output_names)
                 if hidden:
                     loss = loss + self.hidden * _distillation_loss(outputs, targets, feed, hidden)
                 loss = loss / len(feeds)
                 loss.backward()
                 total += loss.item()
             for name, mask in masks.items():
-                grad = student.parameter(name).grad
+                grad = student.graph.parameter(name).grad
                 if grad is not None:
                     grad.masked_fill_(~mask, 0.0)
             optimizer.step()
             schedule.step()
             with torch.no_grad():
                 for name, mask in masks.items():
-                    student.parameter(name).masked_fill_(~mask, 0.0)
+                    student.graph.parameter(name).masked_fill_(~mask, 0.0)
             losses.append(total)
             ctx.progress.advance()
         return losses
 
-    def _evaluate(self, student: TorchGraph, session, samples: CalibrationSet) -> dict[str, float]:
+    def _evaluate(self, student: _Student, session, samples: CalibrationSet) -> dict[str, float]:
         """Relative squared error (the loss) and cosine of the outputs on ``samples``, real tokens only."""
         noise = energy = cross = student_energy = 0.0
         with torch.no_grad():
@@ -197,6 +214,42 @@ class Tune(Pass):
         columns = np.flatnonzero(mask.any(axis=0))
         length = int(columns[-1]) + 1 if columns.size else mask.shape[1]
         return {name: np.ascontiguousarray(value[:, :length]) for name, value in feed.items()}
+
+
+class _Student:
+    """The float graph in torch plus the quantized weights decoded from trainable scales."""
+
+    def __init__(self, graph: TorchGraph, scales: list[QuantScales]) -> None:
+        self.graph, self.scales = graph, scales
+
+    def __call__(self, feed: dict[str, np.ndarray], extra_outputs: list[str] | tuple[str, ...] = ()
+                 ) -> dict[str, torch.Tensor]:
+        overrides: dict[str, torch.Tensor] = {}
+        for q in self.scales:
+            overrides.update(q.overrides())
+        return self.graph(feed, extra_outputs, overrides=overrides)
+
+
+def _readers(model: Model, scales: QuantScales) -> list[gs.Node]:
+    return [n for n in model.quantized_nodes() if n.name in {name.removesuffix(".decoded")
+                                                              for name, _, _ in scales.targets}]
+
+
+def _skipped(node: gs.Node, skip: tuple[str, ...]) -> bool:
+    return bool(matches_any(node.name, skip))
+
+
+def _write_scales(model: Model, scales: list[QuantScales]) -> dict[str, dict]:
+    """Store the trained scales (alpha codes) in the model's constants; per weight, what changed."""
+    tensors = model.tensors()
+    trained = {}
+    for q in scales:
+        constant = tensors[q.name]
+        assert isinstance(constant, gs.Constant)
+        constant.values = q.stored()
+        trained[q.name] = {"format": q.weight.format, "params": q.params, "mean_relative_change": round(q.change(), 6),
+                           "codes": "unchanged"}
+    return trained
 
 
 def _lr_factor(step: int, warmup: int, steps: int) -> float:
