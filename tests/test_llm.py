@@ -217,6 +217,21 @@ def test_shiftadd_keeps_a_tied_table_at_4_planes_below_4_by_default(tiny, spec, 
     assert {b for name, b in bits.items() if name not in (gather.name, head.name)} == {int(spec[14])}
 
 
+def test_tune_trains_a_tied_table_once(tiny):
+    """quant then tune: the embedding and the LM head still read one set of codes and scales."""
+    from qcompile.passes.manager import PassManager
+
+    model = canonicalize(io.load(tiny["prefill"]))
+    pipeline = parse_pipeline("quant(bits=4,min_size=0),tune(steps=3,batch=4)")
+    result, records = PassManager(pipeline).run(model, PassContext(calib=CalibrationSet(_calibration(), "<test>")))
+    gather, head = [n for n in result.quantized_nodes() if n.op == "QGather" or n.outputs[0].name == "logits"]
+    assert gather.inputs[0] is head.inputs[1] and gather.inputs[2:] == head.inputs[2:]
+    stats = records[-1].stats
+    scales = {n.inputs[2].name for n in result.quantized_nodes()}  # QMatMul: x, codes, scales; QGather: codes, ids, scales
+    assert stats["kept"] and stats["quantized_trained"] == len(scales)
+    assert gather.inputs[2].name in stats["quantized_layers"]
+
+
 class _CharTokenizer:
     """One token per byte (a tokenizer for the tiny vocabulary)."""
 

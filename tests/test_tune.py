@@ -105,8 +105,52 @@ def test_needs_calibration_teacher_and_a_float_model():
         _run(model, "prune(min_size=0),tune", None)
     with pytest.raises(UsageError, match="needs the pipeline's input model"):
         Tune().run(model.copy(), PassContext(calib=calib))
-    with pytest.raises(UsageError, match=r"run it before quant \(QGather 'embed' is already quantized\)"):
-        _run(model, "quant(bits=4,min_size=0),tune", calib)
+
+
+def _quantized(model: Model) -> dict[str, list[np.ndarray]]:
+    return {n.name: [np.asarray(t.values) for t in qops.weight_inputs(n)] for n in model.quantized_nodes()}
+
+
+@pytest.mark.parametrize("spec", ["quant(bits=3,min_size=0)", "shiftadd(bits=2,min_size=0)",
+                                  "shiftadd(bits=2,outliers=0,min_size=0)"])
+def test_quantized_layers_train_their_scales_and_keep_their_codes(spec):
+    """After quant/shiftadd: codes, zero points and outlier corrections bit for bit; scales (alphas)
+    trained, stored in their format (float16, powers of two); the stored model is closer to FP32."""
+    model, calib = _mlp()
+    quantized, (record,) = _run(model, spec, calib)
+    tuned, (_, tune) = _run(model, f"{spec},{TUNE}", calib)
+    before, after = _quantized(quantized), _quantized(tuned)
+    assert sorted(before) == sorted(after) and len(before) == 4  # embed, fc1..fc3
+    for name, arrays in before.items():
+        node = next(n for n in tuned.quantized_nodes() if n.name == name)
+        assert qops.node_format(node).check(node.attrs, after[name]) is None
+        for index, (old, new) in enumerate(zip(arrays, after[name], strict=True)):
+            assert old.dtype == new.dtype and old.shape == new.shape
+            if index == 1:  # scales (int) or alpha codes (bcq)
+                assert not np.array_equal(old, new), f"{name} scales were not trained"
+            else:
+                np.testing.assert_array_equal(old, new, err_msg=name)
+    stats = tune.stats
+    assert tune.changed and stats["kept"] and stats["quantized_trained"] == 4 and not stats["quantized_frozen"]
+    assert {layer["codes"] for layer in stats["quantized_layers"].values()} == {"unchanged"}
+    assert stats["calib_error_after"]["relative_error"] < stats["calib_error_before"]["relative_error"]
+    assert tune.output_error["y"]["cosine"] > record.output_error["y"]["cosine"]
+
+
+def test_stored_scales_are_what_was_evaluated():
+    """The error measured after training (scales rounded to their format) is the stored model's."""
+    from qcompile.ir.runtime import make_session
+
+    model, calib = _mlp()
+    tuned, (_, tune) = _run(model, f"shiftadd(bits=2,min_size=0),{TUNE}", calib)
+    reference = make_session(model)
+    decoded = tuned.copy()
+    qops.decode_to_float(decoded.graph)
+    head = calib.head(calib.n_samples)
+    got = make_session(decoded).run(None, head.arrays)[0]
+    want = reference.run(None, head.arrays)[0]
+    error = float(np.square(got - want).sum() / np.square(want).sum())
+    assert error == pytest.approx(tune.stats["calib_error_after"]["relative_error"], rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize("spec, message", [
