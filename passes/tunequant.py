@@ -8,8 +8,9 @@ same quantities layer by layer). Each parameter is trained as a relative change
 ``p * (1 + delta)`` (one learning rate fits every layer's magnitudes), and stored again in
 its format when training ends: ``int`` scales in their dtype (float16 on disk), ``bcq``
 alphas rounded to sums of as many powers of two as before, so the model stays
-multiplication-less. ``bcq_outliers`` corrections stay as they are. Other formats
-(``cluster``, sparse storage) are left frozen.
+multiplication-less. ``bcq_outliers`` corrections stay as they are. Sparse storage
+(``prune`` then ``quant``) trains the scales of its compact inner weight; the pruned
+positions stay exactly zero. ``cluster`` weights are left frozen.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from qcompile.ir import qops
 from qcompile.ir.bcq import BCQWeight, decode_alphas
 from qcompile.ir.bcq_outliers import BCQOutlierWeight
 from qcompile.ir.qformat import QuantizedWeight, unpack_codes
+from qcompile.ir.sparse import SparseWeight
 
 from .bcqfit import apot_codes
 
-TRAINABLE_FORMATS = ("int", "bcq", "bcq_outliers")
+TRAINABLE_FORMATS = ("int", "bcq", "bcq_outliers")  # also inside sparse storage
 
 
 @dataclass
@@ -35,15 +37,24 @@ class QuantScales:
     """One quantized weight (possibly read by several nodes: a tied table and LM head)."""
 
     name: str  # the stored parameter constant (scales or alpha codes)
-    weight: QuantizedWeight | BCQWeight | BCQOutlierWeight
+    weight: QuantizedWeight | BCQWeight | BCQOutlierWeight | SparseWeight
     targets: list[tuple[str, str, tuple[int, ...]]]  # (decoded constant in the student, op, its shape)
     base: torch.Tensor = field(init=False)  # the stored parameters as float32
     delta: torch.nn.Parameter = field(init=False)
     _codes: torch.Tensor = field(init=False)  # int: centred codes [rows, groups, group]; bcq: signs [rows, bits, cols]
     _extra: torch.Tensor | None = field(init=False, default=None)  # bcq_outliers: the corrections [rows, cols]
+    _scatter: torch.Tensor | None = field(init=False, default=None)  # sparse: dense flat index of each stored value
+    _stored: torch.Tensor | None = field(init=False, default=None)  # sparse: which compact slots hold a value
 
     def __post_init__(self) -> None:
         weight = self.weight
+        if isinstance(weight, SparseWeight):
+            placement = weight.placement
+            rows, slots = np.nonzero(placement.valid)
+            self._scatter = torch.from_numpy(rows * weight.cols + placement.positions[rows, slots])
+            self._stored = torch.from_numpy(placement.valid)
+            weight = weight.inner
+        self._inner = weight
         if isinstance(weight, QuantizedWeight):
             codes = unpack_codes(weight.packed, weight.bits).reshape(weight.rows, weight.n_groups, -1)
             centred = codes.astype(np.float32) - weight.zero_points[..., None].astype(np.float32)
@@ -65,10 +76,20 @@ class QuantScales:
 
     def matrix(self) -> torch.Tensor:
         """The float weight ``[rows, cols]`` for the current parameters (differentiable)."""
+        inner = self._inner_matrix()
+        if self._scatter is None or self._stored is None:
+            return inner
+        width = self._stored.shape[1]
+        dense = torch.zeros(self.weight.rows * self.weight.cols, dtype=inner.dtype)
+        dense = dense.index_put((self._scatter,), inner[:, :width][self._stored])
+        return dense.reshape(self.weight.rows, self.weight.cols)
+
+    def _inner_matrix(self) -> torch.Tensor:
         values = self.base * (1.0 + self.delta)
-        if isinstance(self.weight, QuantizedWeight):
-            flat = (self._codes * values[..., None]).reshape(self.weight.rows, -1)
-            return flat[:, : self.weight.cols]
+        inner = self._inner
+        if isinstance(inner, QuantizedWeight):
+            flat = (self._codes * values[..., None]).reshape(inner.rows, -1)
+            return flat[:, : inner.cols]
         expanded = values[self._row_index][:, self._col_index].permute(0, 2, 1)  # [rows, bits, cols]
         matrix = (expanded * self._codes).sum(1)
         return matrix if self._extra is None else matrix + self._extra
@@ -81,14 +102,14 @@ class QuantScales:
     def stored(self) -> np.ndarray:
         """The parameters as the format stores them: scales in their dtype, alphas as APoT codes."""
         values = (self.base * (1.0 + self.delta)).detach().double().numpy()
-        if isinstance(self.weight, QuantizedWeight):
-            return values.astype(self.weight.scales.dtype)
-        return apot_codes(values, self.weight.terms)
+        if isinstance(self._inner, QuantizedWeight):
+            return values.astype(self._inner.scales.dtype)
+        return apot_codes(values, self._inner.terms)
 
     def round_to_stored(self) -> None:
         """Set ``delta`` so the parameters are exactly what :meth:`stored` keeps."""
         stored = self.stored()
-        values = stored.astype(np.float32) if isinstance(self.weight, QuantizedWeight) else decode_alphas(stored)
+        values = stored.astype(np.float32) if isinstance(self._inner, QuantizedWeight) else decode_alphas(stored)
         base = self.base.numpy()
         with torch.no_grad():
             self.delta.copy_(torch.from_numpy(np.where(base != 0, values / np.where(base != 0, base, 1) - 1, 0)
@@ -113,7 +134,7 @@ def quant_scales(model, student_model) -> tuple[list[QuantScales], dict[str, str
         decoded = student_nodes.get(node.name)
         if decoded is None or decoded.op not in ("MatMul", "Gather", "Conv"):
             frozen[node.name] = "its weight is computed at run time"
-        elif qops.node_format(node).name not in TRAINABLE_FORMATS:
+        elif qops.node_format(node).name.split(".")[0] not in TRAINABLE_FORMATS:
             frozen[node.name] = f"format {qops.node_format(node).name} has no trainable scales"
         else:
             groups.setdefault(tuple(t.name for t in inputs), []).append(node)

@@ -137,6 +137,25 @@ def test_quantized_layers_train_their_scales_and_keep_their_codes(spec):
     assert tune.output_error["y"]["cosine"] > record.output_error["y"]["cosine"]
 
 
+def test_sparse_quantized_layers_train_their_scales_and_stay_sparse():
+    model, calib = _mlp()
+    spec = "prune(sparsity=0.5,min_size=0),quant(bits=4,min_size=0)"
+    quantized, _ = _run(model, spec, calib)
+    tuned, (*_, tune) = _run(model, f"{spec},{TUNE}", calib)
+    before, after = _quantized(quantized), _quantized(tuned)
+    for node in tuned.quantized_nodes():
+        weight, old = qops.read_weight(node), next(n for n in quantized.quantized_nodes() if n.name == node.name)
+        if node.name == "embed":
+            continue  # tables are not pruned
+        assert isinstance(weight, SparseWeight)
+        np.testing.assert_array_equal(weight.dequantize() == 0, qops.read_weight(old).dequantize() == 0)
+        arrays, trained = before[node.name], after[node.name]
+        assert not np.array_equal(arrays[1], trained[1])  # scales
+        for index in (0, 2, 3):  # codes, zero points, bitmask
+            np.testing.assert_array_equal(arrays[index], trained[index])
+    assert tune.stats["kept"] and tune.stats["quantized_trained"] == 4 and not tune.stats["quantized_frozen"]
+
+
 def test_stored_scales_are_what_was_evaluated():
     """The error measured after training (scales rounded to their format) is the stored model's."""
     from qcompile.ir.runtime import make_session
