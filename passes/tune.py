@@ -66,8 +66,8 @@ class Tune(Pass):
     """Knowledge distillation of the current float model toward the pipeline's input model, zeros kept."""
 
     name: ClassVar[str] = "tune"
-    summary: ClassVar[str] = ("knowledge distillation toward the input model with sparsity masks fixed "
-                              "(recovers accuracy after prune; needs --calib)")
+    summary: ClassVar[str] = ("knowledge distillation toward the input model with sparsity masks and quantized "
+                              "codes fixed (recovers accuracy after prune, quant, shiftadd; needs --calib)")
     requires_calibration: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = True
 
