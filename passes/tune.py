@@ -63,7 +63,7 @@ NORM_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization",
 
 @dataclass(frozen=True)
 class Tune(Pass):
-    """Knowledge distillation of the current float model toward the pipeline's input model, zeros kept."""
+    """Knowledge distillation toward the pipeline's input model, zeros and quantized codes kept."""
 
     name: ClassVar[str] = "tune"
     summary: ClassVar[str] = ("knowledge distillation toward the input model with sparsity masks and quantized "
@@ -94,7 +94,7 @@ class Tune(Pass):
             student_model = model.copy()
             qops.decode_to_float(student_model.graph)
         scales, frozen = quant_scales(model, student_model)
-        scales = [q for q in scales if not any(_skipped(node, self.skip) for node in _readers(model, q))]
+        scales = [q for q in scales if not any(matches_any(name, self.skip) for name in q.readers)]
         masks = _weight_masks(model, self.skip)
         names = [*masks, *(_extra_parameters(student_model, self.train) if self.train != "weights" else [])]
         if not masks and not scales:
@@ -228,15 +228,6 @@ class _Student:
         for q in self.scales:
             overrides.update(q.overrides())
         return self.graph(feed, extra_outputs, overrides=overrides)
-
-
-def _readers(model: Model, scales: QuantScales) -> list[gs.Node]:
-    return [n for n in model.quantized_nodes() if n.name in {name.removesuffix(".decoded")
-                                                              for name, _, _ in scales.targets}]
-
-
-def _skipped(node: gs.Node, skip: tuple[str, ...]) -> bool:
-    return bool(matches_any(node.name, skip))
 
 
 def _write_scales(model: Model, scales: list[QuantScales]) -> dict[str, dict]:

@@ -37,6 +37,7 @@ class QuantScales:
     """One quantized weight (possibly read by several nodes: a tied table and LM head)."""
 
     name: str  # the stored parameter constant (scales or alpha codes)
+    readers: tuple[str, ...]  # the quantized nodes reading the weight
     weight: QuantizedWeight | BCQWeight | BCQOutlierWeight | SparseWeight
     targets: list[tuple[str, str, tuple[int, ...]]]  # (decoded constant in the student, op, its shape)
     base: torch.Tensor = field(init=False)  # the stored parameters as float32
@@ -145,5 +146,5 @@ def quant_scales(model, student_model) -> tuple[list[QuantScales], dict[str, str
             decoded = student_nodes[node.name]
             constant = decoded.inputs[0] if decoded.op == "Gather" else decoded.inputs[1]
             targets.append((constant.name, node.op, tuple(constant.shape)))
-        scales.append(QuantScales(key[1], qops.read_weight(nodes[0]), targets))
+        scales.append(QuantScales(key[1], tuple(n.name for n in nodes), qops.read_weight(nodes[0]), targets))
     return scales, frozen

@@ -156,6 +156,16 @@ def test_sparse_quantized_layers_train_their_scales_and_stay_sparse():
     assert tune.stats["kept"] and tune.stats["quantized_trained"] == 4 and not tune.stats["quantized_frozen"]
 
 
+def test_skip_leaves_a_quantized_layer_as_it_was():
+    model, calib = _mlp()
+    quantized, _ = _run(model, "quant(bits=3,min_size=0)", calib)
+    tuned, (_, tune) = _run(model, f"quant(bits=3,min_size=0),{TUNE[:-1]},skip=fc1)", calib)
+    before, after = _quantized(quantized), _quantized(tuned)
+    for old, new in zip(before["fc1"], after["fc1"], strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert not np.array_equal(before["fc2"][1], after["fc2"][1]) and tune.stats["quantized_trained"] == 3
+
+
 def test_stored_scales_are_what_was_evaluated():
     """The error measured after training (scales rounded to their format) is the stored model's."""
     from qcompile.ir.runtime import make_session
