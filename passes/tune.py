@@ -52,6 +52,7 @@ from .base import Pass, PassResult, matches_any, option
 from .calibration import CalibrationSet
 from .context import PassContext
 from .layers import select_layers, weight_of
+from .patterns import rmsnorms
 from .tunequant import QuantScales, quant_scales
 
 log = logging.getLogger(__name__)
@@ -329,8 +330,11 @@ def _weight_masks(model: Model, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def _extra_parameters(model: Model, train: str) -> list[str]:
-    """Biases of the trained layers (and, for ``all``, normalisation scales and shifts)."""
+    """Biases of the trained layers (and, for ``all``, normalisation scales and shifts, the
+    gammas of decomposed RMSNorms included)."""
     names: list[str] = []
+    if train == "all":
+        names.extend(norm.gamma.name for norm in rmsnorms(model.graph) if norm.gamma.values.dtype == np.float32)
     for node in model.graph.nodes:
         candidates: list[gs.Tensor] = []
         if node.op in ("Gemm", "Conv") and len(node.inputs) > 2:

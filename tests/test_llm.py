@@ -225,6 +225,19 @@ def test_tune_trains_a_tied_table_once(tiny):
     assert gather.inputs[2].name in stats["quantized_layers"]
 
 
+def test_tune_trains_decomposed_rmsnorm_gammas_with_train_all(tiny):
+    from qcompile.passes.manager import PassManager
+
+    model = canonicalize(io.load(tiny["prefill"]))
+    gammas = {norm.gamma.name: np.asarray(norm.gamma.values).copy() for norm in rmsnorms(model.graph)}
+    pipeline = parse_pipeline("quant(bits=4,min_size=0),tune(steps=3,batch=4,train=all)")
+    result, records = PassManager(pipeline).run(model, PassContext(calib=CalibrationSet(_calibration(), "<test>")))
+    stats = records[-1].stats
+    assert stats["kept"] and stats["trained_tensors"] == len(gammas) == 2 * LAYERS + 1
+    tensors = result.tensors()
+    assert all(not np.array_equal(np.asarray(tensors[name].values), values) for name, values in gammas.items())
+
+
 class _CharTokenizer:
     """One token per byte (a tokenizer for the tiny vocabulary)."""
 
