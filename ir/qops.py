@@ -104,6 +104,16 @@ def read_weight(node: gs.Node) -> Weight:
     return node_format(node).from_arrays(node.attrs, arrays)
 
 
+def float_operand(node: gs.Node, matrix):
+    """A quantized node's weight ``[rows, cols]`` (NumPy or torch) laid out as the float op it
+    stands for reads it: transposed for MatMul, as is for Gather, in ``weight_shape`` for Conv."""
+    if node.op == "QMatMul":
+        return matrix.T
+    if node.op == "QGather":
+        return matrix
+    return matrix.reshape([int(d) for d in node.attrs["weight_shape"]])
+
+
 def decode_to_float(graph: gs.Graph) -> int:
     """Replace every quantized node whose weights are constants by the float op it stands for,
     its weight decoded once with NumPy (``dequantize()``, which the tests hold equal to the
@@ -125,17 +135,16 @@ def decode_to_float(graph: gs.Graph) -> int:
         key = tuple(t.name for t in weights)
         if key not in decoded:
             decoded[key] = np.asarray(read_weight(node).dequantize(), np.float32)
-        matrix = decoded[key]
+        constant = gs.Constant(f"{node.name}.decoded", np.ascontiguousarray(float_operand(node, decoded[key])))
         if node.op == "QMatMul":
-            node.inputs = [node.inputs[0], gs.Constant(f"{node.name}.decoded", np.ascontiguousarray(matrix.T))]
+            node.inputs = [node.inputs[0], constant]
             node.op, node.attrs = "MatMul", {}
         elif node.op == "QGather":
-            node.inputs = [gs.Constant(f"{node.name}.decoded", matrix), node.inputs[1]]
+            node.inputs = [constant, node.inputs[1]]
             node.op, node.attrs = "Gather", {"axis": 0}
         else:
-            shape = [int(d) for d in node.attrs["weight_shape"]]
             bias = node.inputs[1 + len(weights):]
-            node.inputs = [node.inputs[0], gs.Constant(f"{node.name}.decoded", matrix.reshape(shape)), *bias]
+            node.inputs = [node.inputs[0], constant, *bias]
             node.op, node.attrs = "Conv", {k: v for k, v in node.attrs.items() if k in CONV_ATTRIBUTES}
         node.domain = ""
         count += 1

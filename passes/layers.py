@@ -105,6 +105,14 @@ def content_key(matrix: np.ndarray) -> str:
     return f"{data.shape[0]}x{data.shape[1]}:{digest}"
 
 
+def table_keys(candidates: list[gs.Node], keys: dict[str, str]) -> tuple[set[str], set[str]]:
+    """Content keys (``keys``: node name -> :func:`content_key`) of the embedding tables among
+    ``candidates`` (read by a Gather) and, of those, the ones an LM head (MatMul/Gemm) reads too."""
+    tables = {keys[n.name] for n in candidates if n.op == "Gather"}
+    tied = {keys[n.name] for n in candidates if n.op in ("MatMul", "Gemm") and keys[n.name] in tables}
+    return tables, tied
+
+
 def correct_bias(model: Model, node: gs.Node, original: np.ndarray, new: np.ndarray, mean: np.ndarray) -> float | None:
     """Move the mean output error of a lossy weight change into the layer's bias.
 

@@ -49,7 +49,7 @@ from .base import Pass, PassResult, matches_any, option
 from .cluster_quant import quantize_split
 from .context import PassContext
 from .gptq import gptq_quantize
-from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers
+from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers, table_keys
 from .patterns import activation_matmuls, swiglus
 from .plan import planned_bits, read_plan
 from .sequential import layer_stages
@@ -144,8 +144,7 @@ class Quant(Pass):
         for node in candidates:
             sharing.setdefault(keys[node.name], []).append(node)
         plan = read_plan(model)
-        tables = {keys[n.name] for n in candidates if n.op == "Gather"}
-        tied = {key for key in tables if any(m.op in ("MatMul", "Gemm") for m in sharing[key])}
+        tables, tied = table_keys(candidates, keys)
         bits_of = {n.name: planned_bits(plan, n.name, self._table_bits(keys[n.name] in tied) if keys[n.name] in tables
                                         else self.bits, 2, 8, self.name) for n in candidates}
         ctx.progress.start(f"{self.name}: layers", len(candidates) + len(groups))

@@ -44,7 +44,7 @@ from qcompile.ir.model import Model
 from .base import Pass, PassResult, option
 from .bcqfit import bcq_gptq, bcq_rowwise
 from .context import PassContext
-from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers
+from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers, table_keys
 from .plan import planned_bits, read_plan
 from .sequential import layer_stages
 
@@ -126,11 +126,7 @@ class ShiftAdd(Pass):
     def _bits_of(self, candidates: list[gs.Node], keys: dict[str, str], plan) -> dict[str, int]:
         """Planes per layer: the plan's where it names the layer, else ``embedding_bits`` for tables
         (and the LM head tied to one), ``bits`` for the rest."""
-        sharing: dict[str, set[str]] = {}
-        for node in candidates:
-            sharing.setdefault(keys[node.name], set()).add(node.op)
-        tables = {key for key, ops in sharing.items() if "Gather" in ops}
-        tied = {key for key in tables if sharing[key] & {"MatMul", "Gemm"}}
+        tables, tied = table_keys(candidates, keys)
 
         def default(node: gs.Node) -> int:
             key = keys[node.name]

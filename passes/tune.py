@@ -48,7 +48,7 @@ from qcompile.ir import qops, runtime
 from qcompile.ir.model import Model, constant_bias_add
 from qcompile.ir.torch_exec import TorchGraph
 
-from .base import Pass, PassResult, matches_any, option
+from .base import Pass, PassResult, option
 from .calibration import CalibrationSet
 from .context import PassContext
 from .layers import select_layers, weight_of
@@ -94,8 +94,7 @@ class Tune(Pass):
         if model.quantized_nodes():  # the student runs the decoded weights, computed from trainable scales
             student_model = model.copy()
             qops.decode_to_float(student_model.graph)
-        scales, frozen = quant_scales(model, student_model)
-        scales = [q for q in scales if not any(matches_any(name, self.skip) for name in q.readers)]
+        scales, frozen = quant_scales(model, student_model, self.skip)
         masks = _weight_masks(model, self.skip)
         names = [*masks, *(_extra_parameters(student_model, self.train) if self.train != "weights" else [])]
         if not masks and not scales:
@@ -190,10 +189,11 @@ class Tune(Pass):
         """Relative squared error (the loss) and cosine of the outputs on ``samples``, real tokens only."""
         noise = energy = cross = student_energy = 0.0
         with torch.no_grad():
+            weights = student.weights()  # the scales do not change while evaluating
             for feed in _feeds(samples, list(range(samples.n_samples)), self.batch):
                 feed = self._trimmed(feed)
                 teacher = _teacher(session, feed)
-                for name, value in student(feed).items():
+                for name, value in student(feed, weights=weights).items():
                     if name not in teacher:
                         continue
                     s, t = _real_rows(value, teacher[name], feed)
@@ -223,12 +223,18 @@ class _Student:
     def __init__(self, graph: TorchGraph, scales: list[QuantScales]) -> None:
         self.graph, self.scales = graph, scales
 
-    def __call__(self, feed: dict[str, np.ndarray], extra_outputs: list[str] | tuple[str, ...] = ()
-                 ) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The decoded quantized weights for the current scales (the graph's constant overrides)."""
         overrides: dict[str, torch.Tensor] = {}
         for q in self.scales:
             overrides.update(q.overrides())
-        return self.graph(feed, extra_outputs, overrides=overrides)
+        return overrides
+
+    def __call__(self, feed: dict[str, np.ndarray], extra_outputs: list[str] | tuple[str, ...] = (),
+                 weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Outputs for ``feed``; ``weights``: :meth:`weights` computed once for several calls
+        (while the scales do not change), else decoded here."""
+        return self.graph(feed, extra_outputs, overrides=self.weights() if weights is None else weights)
 
 
 def _write_scales(model: Model, scales: list[QuantScales]) -> dict[str, dict]:

@@ -27,6 +27,7 @@ from qcompile.ir.bcq_outliers import BCQOutlierWeight
 from qcompile.ir.qformat import QuantizedWeight, unpack_codes
 from qcompile.ir.sparse import SparseWeight
 
+from .base import matches_any
 from .bcqfit import apot_codes
 
 TRAINABLE_FORMATS = ("int", "bcq", "bcq_outliers")  # also inside sparse storage
@@ -37,9 +38,8 @@ class QuantScales:
     """One quantized weight (possibly read by several nodes: a tied table and LM head)."""
 
     name: str  # the stored parameter constant (scales or alpha codes)
-    readers: tuple[str, ...]  # the quantized nodes reading the weight
     weight: QuantizedWeight | BCQWeight | BCQOutlierWeight | SparseWeight
-    targets: list[tuple[str, str, tuple[int, ...]]]  # (decoded constant in the student, op, its shape)
+    targets: list[tuple[str, gs.Node]]  # (decoded constant in the student, the quantized node it replaces)
     base: torch.Tensor = field(init=False)  # the stored parameters as float32
     delta: torch.nn.Parameter = field(init=False)
     _codes: torch.Tensor = field(init=False)  # int: centred codes [rows, groups, group]; bcq: signs [rows, bits, cols]
@@ -98,7 +98,7 @@ class QuantScales:
     def overrides(self) -> dict[str, torch.Tensor]:
         """The student's decoded constants for the current parameters."""
         matrix = self.matrix()
-        return {name: matrix.T if op == "QMatMul" else matrix.reshape(shape) for name, op, shape in self.targets}
+        return {name: qops.float_operand(node, matrix) for name, node in self.targets}
 
     def stored(self) -> np.ndarray:
         """The parameters as the format stores them: scales in their dtype, alphas as APoT codes."""
@@ -121,9 +121,10 @@ class QuantScales:
         return float(self.delta.detach().abs().mean())
 
 
-def quant_scales(model, student_model) -> tuple[list[QuantScales], dict[str, str]]:
+def quant_scales(model, student_model, skip: tuple[str, ...] = ()) -> tuple[list[QuantScales], dict[str, str]]:
     """The trainable quantized weights of ``model`` (by their stored parameter constant), the
     student's decoded constants each one feeds, and the quantized nodes left frozen (with why).
+    Weights read by a node matching ``skip`` are left out.
 
     ``student_model`` is ``model`` after :func:`qcompile.ir.qops.decode_to_float` (node names kept).
     """
@@ -141,10 +142,12 @@ def quant_scales(model, student_model) -> tuple[list[QuantScales], dict[str, str
             groups.setdefault(tuple(t.name for t in inputs), []).append(node)
     scales = []
     for key, nodes in groups.items():
+        if any(matches_any(node.name, skip) for node in nodes):
+            continue
         targets = []
         for node in nodes:
             decoded = student_nodes[node.name]
             constant = decoded.inputs[0] if decoded.op == "Gather" else decoded.inputs[1]
-            targets.append((constant.name, node.op, tuple(constant.shape)))
-        scales.append(QuantScales(key[1], tuple(n.name for n in nodes), qops.read_weight(nodes[0]), targets))
+            targets.append((constant.name, node))
+        scales.append(QuantScales(key[1], qops.read_weight(nodes[0]), targets))
     return scales, frozen
