@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from qcompile.errors import ModelLoadError
 
@@ -141,9 +143,18 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
 
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write a model; weights go to ``<name>.data`` beside it when it would exceed 2 GB, or when
-    it holds memory-mapped weights (those are streamed from their file, never read whole)."""
+    it holds memory-mapped weights (those are streamed from their file, never read whole).
+
+    A :class:`Model` saved with a data file has its in-memory weights written one at a time
+    straight from their arrays: no proto ever holds a second copy of them."""
     path = Path(path)
-    proto = model.to_proto() if isinstance(model, Model) else model
+    if isinstance(model, Model):
+        if mapped.mapped_bytes(model.graph) or model.constant_bytes() > EXTERNAL_DATA_THRESHOLD:
+            _save_model_streamed(model, path)
+            return path
+        proto = model.to_proto()
+    else:
+        proto = model
     has_mapped = any(mapped.mapped_info(t) is not None for t in proto.graph.initializer)
     if has_mapped or proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         _save_streamed(proto, path)
@@ -152,29 +163,63 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def _save_streamed(proto: onnx.ModelProto, path: Path, min_bytes: int = 1024) -> None:
+def _save_model_streamed(model: Model, path: Path, min_bytes: int = 1024) -> None:
+    """:func:`_save_streamed` for a :class:`Model`: each in-memory weight of ``min_bytes`` or
+    more is exported alone, written to the data file and mapped from it in a copy of the graph
+    (the caller's model is not touched), so the exported proto holds references only."""
+    data_path = path.parent / f"{path.name}.data"
+    copied = model.copy()
+    with open(data_path, "wb") as data:
+        for tensor in copied.graph.tensors().values():
+            if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, mapped.MappedValues):
+                continue
+            proto = OnnxExporter.export_tensor_proto(tensor)
+            if not proto.HasField("raw_data") or proto.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            raw = proto.raw_data
+            numel = 1
+            for dim in proto.dims:
+                numel *= dim
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
+            if len(raw) < min_bytes or len(raw) != numel * itemsize:
+                continue  # small, or a packed type whose bytes the shape does not give: left inline
+            offset = -(-data.tell() // 4096) * 4096
+            data.seek(offset)
+            data.write(raw)
+            tensor._values = mapped.MappedValues(data_path, offset, tuple(proto.dims), proto.data_type, data_path.name)
+            del raw, proto
+    _save_streamed(copied.to_proto(), path, append=True)
+
+
+def _save_streamed(proto: onnx.ModelProto, path: Path, min_bytes: int = 1024, append: bool = False) -> None:
     """Save with every initializer of ``min_bytes`` or more in ``<name>.data``, one at a time.
 
-    Mapped tensors are copied from their file in blocks; in-memory ones are written and
+    Mapped tensors are copied from their file in blocks (those already mapped from the data
+    file itself, which ``append`` keeps, are only re-pointed); in-memory ones are written and
     dropped from ``proto`` (which is the caller's: it is modified). Offsets are 4 KiB
     aligned, so ONNX Runtime can map them.
     """
     location = f"{path.name}.data"
-    with open(path.parent / location, "wb") as data:
+    data_path = path.parent / location
+    with open(data_path, "r+b" if append else "wb") as data:
+        data.seek(0, os.SEEK_END)
         for tensor in proto.graph.initializer:
             info = mapped.mapped_info(tensor)
             if info is None and len(tensor.raw_data) < min_bytes:
                 continue
             if info is None and not tensor.HasField("raw_data"):
                 continue  # typed fields (small, unusual): left inline
-            offset = -(-data.tell() // 4096) * 4096
-            data.seek(offset)
-            if info is not None:
-                length = _copy_range(info.path, info.offset, info.nbytes, data)
+            if info is not None and info.path == data_path:
+                offset, length = info.offset, info.nbytes
             else:
-                length = len(tensor.raw_data)
-                data.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
+                offset = -(-data.tell() // 4096) * 4096
+                data.seek(offset)
+                if info is not None:
+                    length = _copy_range(info.path, info.offset, info.nbytes, data)
+                else:
+                    length = len(tensor.raw_data)
+                    data.write(tensor.raw_data)
+                    tensor.ClearField("raw_data")
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):

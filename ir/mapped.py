@@ -79,6 +79,9 @@ class MappedConstant(gs.Constant):
     def values(self, values) -> None:
         self._values = values
 
+    def copy(self) -> MappedConstant:
+        return MappedConstant(self.name, self._values, export_dtype=self.export_dtype)
+
 
 def mapped_info(tensor: onnx.TensorProto) -> MappedValues | None:
     """The mapping an exported tensor stands for (None: not a mapped tensor)."""

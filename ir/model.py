@@ -84,8 +84,14 @@ class Model:
         return proto
 
     def copy(self) -> Model:
-        """An independent copy (weight arrays are shared: passes never edit them in place)."""
-        return Model.from_proto(self.to_proto(), source=self.source)
+        """An independent copy of the graph: new nodes, tensors and attribute dicts; the weight
+        arrays are shared (passes replace a constant's values, never edit them in place), so a
+        copy costs no weight bytes."""
+        graph = self.graph.copy()
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and isinstance(tensor.shape, list):
+                tensor.shape = list(tensor.shape)  # graphsurgeon shares the shape list
+        return Model(graph, metadata=self.metadata, provenance=self.provenance, source=self.source)
 
     # -- queries ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ def verify(model: Model) -> None:
     _check_names_and_dataflow(graph)
     for node in model.quantized_nodes():
         _check_quantized(node)
-    proto = without_mapped_data(model.to_proto())
+    proto = weightless(model).to_proto()
     if proto.ByteSize() < 2**31 - 1:
         try:
             onnx.checker.check_model(proto)
@@ -32,19 +32,33 @@ def verify(model: Model) -> None:
             raise VerificationError(f"ONNX checker: {str(exc).splitlines()[0]}") from None
 
 
-def without_mapped_data(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` (modified) with its memory-mapped initializers turned into typed graph inputs:
-    the checker then checks the graph without reading (or resolving) the weights' file."""
-    kept = [t for t in proto.graph.initializer if mapped.mapped_info(t) is None]
-    if len(kept) == len(proto.graph.initializer):
-        return proto
-    declared = {value.name for value in proto.graph.input}
-    for tensor in proto.graph.initializer:
-        if mapped.mapped_info(tensor) is not None and tensor.name not in declared:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    return proto
+WEIGHT_BYTES = 1024  # constants this large are weights: the checker sees them as typed inputs
+
+
+def weightless(model: Model) -> Model:
+    """A copy of ``model`` whose weights (memory-mapped, or in memory and at least
+    :data:`WEIGHT_BYTES`) are typed graph inputs: the checker checks every node, function and
+    type without the exported proto holding a second copy of the weights, or reading their file."""
+    copied = model.copy()
+    graph = copied.graph
+    stand_ins: dict[str, gs.Variable] = {}
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and _is_weight(tensor):
+                if tensor.name not in stand_ins:
+                    stand_ins[tensor.name] = gs.Variable(tensor.name, dtype=tensor.export_dtype,
+                                                         shape=list(tensor.shape))
+                node.inputs[index] = stand_ins[tensor.name]
+    declared = {tensor.name for tensor in graph.inputs}
+    graph.inputs = [stand_ins.get(tensor.name, tensor) for tensor in graph.inputs]
+    graph.inputs.extend(stand_in for name, stand_in in stand_ins.items() if name not in declared)
+    return copied
+
+
+def _is_weight(tensor: gs.Constant) -> bool:
+    if isinstance(tensor, mapped.MappedConstant) and isinstance(tensor._values, mapped.MappedValues):
+        return True
+    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize >= WEIGHT_BYTES
 
 
 def _check_names_and_dataflow(graph: gs.Graph) -> None:

@@ -92,6 +92,43 @@ def test_mapped_tensor_with_wrong_length_is_refused(tmp_path, transformer_path):
         io.load(transformer_path)
 
 
+def test_copy_shares_weight_arrays_but_not_the_graph(transformer_path):
+    model = io.load(transformer_path)
+    first = next(t for t in model.graph.tensors().values() if isinstance(t, mapped.MappedConstant))
+    first.values = np.ones(first.shape, first.dtype)  # an in-memory weight next to mapped ones
+    copied = model.copy()
+    twin = copied.graph.tensors()[first.name]
+    assert twin is not first and twin.values is first.values  # no weight bytes copied
+    others = [t for t in copied.graph.tensors().values() if isinstance(t, gs.Constant) and t is not twin]
+    assert any(isinstance(t, mapped.MappedConstant) for t in others)  # still re-mapped at every access
+    twin.values = np.zeros(first.shape, first.dtype)
+    copied.graph.nodes[0].attrs["marker"] = 1
+    assert first.values.max() == 1 and "marker" not in model.graph.nodes[0].attrs
+
+
+def test_a_model_with_weights_in_memory_and_mapped_is_saved_one_weight_at_a_time(tmp_path, transformer_path):
+    model = io.load(transformer_path)
+    weights = [t for t in model.graph.tensors().values() if isinstance(t, mapped.MappedConstant)]
+    expected = {t.name: np.array(t.values) for t in weights}
+    for tensor in weights[::2]:  # half of them now live in memory, as a pass leaves its results
+        tensor.values = expected[tensor.name] + 1
+        expected[tensor.name] = tensor.values
+    (tmp_path / "out").mkdir()
+    io.save(model, tmp_path / "out" / "model.onnx")
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    big = [t for t in proto.graph.initializer if t.name in expected and expected[t.name].nbytes >= 1024]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert all(e.key != mapped.PATH_KEY for t in big for e in t.external_data)  # relative, self-contained
+    reloaded = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in reloaded.graph.initializer}
+    assert all(np.array_equal(values[name], array) for name, array in expected.items())
+    assert not any(isinstance(t._values, mapped.MappedValues) for t in weights[::2])  # the caller's model untouched
+    feeds = {"input_ids": np.array([[1, 2, 3]], np.int64)}
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    assert np.isfinite(session.run(None, feeds)[0]).all()
+
+
 def _peak(tmp_path: Path, megabytes: int) -> tuple[int, dict]:
     shape = Shape.for_bytes(megabytes * 1e6, hidden=512, ffn=2048, vocab=8192)
     model = write_transformer(tmp_path / f"m{megabytes}" / "model.onnx", shape)
@@ -103,12 +140,15 @@ def _peak(tmp_path: Path, megabytes: int) -> tuple[int, dict]:
 
 @pytest.mark.heavy
 def test_peak_memory_grows_far_slower_than_the_weights(tmp_path):
-    """Doubling an external-data model (100 -> 200 MB) adds far less than 100 MB to the compile's
-    peak anonymous memory: float weights are read one layer at a time, never held together."""
+    """Quadrupling an external-data model (100 -> 400 MB) adds far less than the extra 300 MB
+    of float to the compile's peak anonymous memory: float weights are read one layer at a time,
+    copies of the model share their arrays, and the artifact is written one weight at a time.
+    What grows is the 4-bit result itself (about 1/7 of the float)."""
     small_bytes, small = _peak(tmp_path, 100)
-    large_bytes, large = _peak(tmp_path, 200)
+    large_bytes, large = _peak(tmp_path, 400)
     growth = large["peak_anon"] - small["peak_anon"]
-    assert growth < 0.5 * (large_bytes - small_bytes), (small, large)  # measured: ~0 (fixed overheads dominate)
+    # measured: 50-65 MB of growth (the peaks themselves vary by about 25 MB from run to run)
+    assert growth < 0.5 * (large_bytes - small_bytes), (small, large)
 
 
 # -- executors -----------------------------------------------------------------------------
