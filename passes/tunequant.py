@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from qcompile.ir import qops
-from qcompile.ir.bcq import BCQWeight, decode_alphas
+from qcompile.ir.bcq import BCQWeight, decode_alphas, unpack_planes
 from qcompile.ir.bcq_outliers import BCQOutlierWeight
 from qcompile.ir.qformat import QuantizedWeight, unpack_codes
 from qcompile.ir.sparse import SparseWeight
@@ -31,6 +31,35 @@ from .base import matches_any
 from .bcqfit import apot_codes
 
 TRAINABLE_FORMATS = ("int", "bcq", "bcq_outliers")  # also inside sparse storage
+
+
+class _PlaneSum(torch.autograd.Function):
+    """``W[r, c] = sum_b values[r // row_group, c // col_group, b] * planes[r, b, c]``.
+
+    ``planes`` are small integers (``bcq`` signs as int8, ``int`` centred codes as int16), and
+    no ``[rows, bits, cols]`` float tensor is ever built or kept for the backward: each plane
+    is widened alone, and the gradient is reduced into its groups one plane at a time."""
+
+    @staticmethod
+    def forward(ctx, values, planes, row_index, col_index):  # type: ignore[override]
+        ctx.save_for_backward(planes, row_index, col_index)
+        ctx.value_shape = values.shape
+        matrix = values.new_zeros(planes.shape[0], planes.shape[2])
+        for plane in range(planes.shape[1]):
+            alpha = values[:, :, plane].index_select(0, row_index).index_select(1, col_index)
+            matrix.addcmul_(alpha, planes[:, plane].to(values.dtype))
+        return matrix
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        planes, row_index, col_index = ctx.saved_tensors
+        row_groups, col_groups, bits = ctx.value_shape
+        grad_values = grad.new_zeros(ctx.value_shape)
+        for plane in range(bits):
+            weighted = grad * planes[:, plane].to(grad.dtype)
+            by_col_group = grad.new_zeros(grad.shape[0], col_groups).index_add_(1, col_index, weighted)
+            grad_values[:, :, plane] = grad.new_zeros(row_groups, col_groups).index_add_(0, row_index, by_col_group)
+        return grad_values, None, None, None
 
 
 @dataclass
@@ -42,8 +71,10 @@ class QuantScales:
     targets: list[tuple[str, gs.Node]]  # (decoded constant in the student, the quantized node it replaces)
     base: torch.Tensor = field(init=False)  # the stored parameters as float32
     delta: torch.nn.Parameter = field(init=False)
-    _codes: torch.Tensor = field(init=False)  # int: centred codes [rows, groups, group]; bcq: signs [rows, bits, cols]
-    _extra: torch.Tensor | None = field(init=False, default=None)  # bcq_outliers: the corrections [rows, cols]
+    _planes: torch.Tensor = field(init=False)  # [rows, planes, cols]: bcq signs (int8), int centred codes (int16)
+    _row_index: torch.Tensor = field(init=False)  # each row's parameter group
+    _col_index: torch.Tensor = field(init=False)  # each column's parameter group
+    _extra: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)  # bcq_outliers: (flat index, value)
     _scatter: torch.Tensor | None = field(init=False, default=None)  # sparse: dense flat index of each stored value
     _stored: torch.Tensor | None = field(init=False, default=None)  # sparse: which compact slots hold a value
 
@@ -58,15 +89,19 @@ class QuantScales:
         self._inner = weight
         if isinstance(weight, QuantizedWeight):
             codes = unpack_codes(weight.packed, weight.bits).reshape(weight.rows, weight.n_groups, -1)
-            centred = codes.astype(np.float32) - weight.zero_points[..., None].astype(np.float32)
-            self._codes = torch.from_numpy(centred)
+            centred = codes.astype(np.int16) - weight.zero_points[..., None].astype(np.int16)
+            self._planes = torch.from_numpy(np.ascontiguousarray(centred.reshape(weight.rows, 1, -1)[:, :, : weight.cols]))
             self.base = torch.from_numpy(np.asarray(weight.scales, np.float32))
+            self._row_index = torch.arange(weight.rows)
+            self._col_index = torch.arange(weight.cols) // weight.group_size
         else:
             dense = weight.dense if isinstance(weight, BCQOutlierWeight) else weight
-            self._codes = torch.from_numpy(dense.signs())
+            self._planes = torch.from_numpy(unpack_planes(dense.planes, dense.cols).astype(np.int8) * 2 - 1)
             self.base = torch.from_numpy(decode_alphas(dense.alphas).astype(np.float32))
             if isinstance(weight, BCQOutlierWeight):
-                self._extra = torch.from_numpy(weight.dequantize() - dense.dequantize())
+                corrections = (weight.dequantize() - dense.dequantize()).ravel()
+                where = np.flatnonzero(corrections)
+                self._extra = torch.from_numpy(where), torch.from_numpy(corrections[where])
             self._row_index = torch.arange(dense.rows) // dense.row_group
             self._col_index = torch.arange(dense.cols) // dense.col_group
         self.delta = torch.nn.Parameter(torch.zeros_like(self.base))
@@ -87,13 +122,13 @@ class QuantScales:
 
     def _inner_matrix(self) -> torch.Tensor:
         values = self.base * (1.0 + self.delta)
-        inner = self._inner
-        if isinstance(inner, QuantizedWeight):
-            flat = (self._codes * values[..., None]).reshape(inner.rows, -1)
-            return flat[:, : inner.cols]
-        expanded = values[self._row_index][:, self._col_index].permute(0, 2, 1)  # [rows, bits, cols]
-        matrix = (expanded * self._codes).sum(1)
-        return matrix if self._extra is None else matrix + self._extra
+        if isinstance(self._inner, QuantizedWeight):
+            values = values[..., None]  # one plane: [rows, groups, 1]
+        matrix = _PlaneSum.apply(values, self._planes, self._row_index, self._col_index)
+        if self._extra is None:
+            return matrix
+        where, corrections = self._extra
+        return matrix.flatten().index_add(0, where, corrections).view_as(matrix)
 
     def overrides(self) -> dict[str, torch.Tensor]:
         """The student's decoded constants for the current parameters."""

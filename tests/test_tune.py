@@ -261,3 +261,23 @@ def test_minilm_recovers_on_held_out_sentences():
     for name, weight in _weights(tuned).items():
         assert (np.count_nonzero(weight.reshape(weight.shape[0], -1, 4), axis=2) <= 2).all(), name
     assert cosine(tuned) > cosine(pruned) + 0.02
+
+
+@pytest.mark.parametrize("row_group, col_group, planes", [(3, 1, 3), (1, 4, 2), (2, 8, 1)])
+def test_the_plane_sum_and_its_gradient_equal_the_expanded_product(row_group, col_group, planes):
+    """tune's weight ``sum_b alpha_b[group] * plane_b`` (ragged groups too) and its gradient
+    match the product of the expanded alphas and the planes, which it never builds."""
+    import torch
+
+    from qcompile.passes.tunequant import _PlaneSum
+
+    rng = np.random.default_rng(0)
+    rows, cols = 7, 19
+    row_index = torch.arange(rows) // row_group
+    col_index = torch.arange(cols) // col_group
+    values = torch.tensor(rng.normal(size=(int(row_index[-1]) + 1, int(col_index[-1]) + 1, planes)),
+                          requires_grad=True)
+    signs = torch.from_numpy(rng.integers(0, 2, size=(rows, planes, cols)).astype(np.int8) * 2 - 1)
+    expanded = values[row_index][:, col_index].permute(0, 2, 1)
+    assert torch.allclose(_PlaneSum.apply(values, signs, row_index, col_index), (expanded * signs).sum(1))
+    assert torch.autograd.gradcheck(lambda v: _PlaneSum.apply(v, signs, row_index, col_index), (values,))
