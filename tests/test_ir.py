@@ -183,3 +183,14 @@ def test_provenance_survives_save_and_load(tmp_path):
     props = {p.key: p.value for p in proto.graph.node[0].metadata_props}
     assert props == {PROVENANCE_KEY: "quant"}
     assert io.load(tmp_path / "m.onnx").provenance == {node.name: "quant"}
+
+
+def test_error_metrics_of_huge_outputs_do_not_overflow():
+    from qcompile.ir.runtime import error_metrics
+
+    reference = np.array([3e200, -4e200, 1e199])
+    with np.errstate(over="raise"):
+        same = error_metrics(reference, reference * (1 + 1e-6))
+        tiny = error_metrics(reference * 1e-390, reference * 1e-390)
+    assert same["cosine"] == pytest.approx(1.0) and same["sqnr_db"] == pytest.approx(120.0, abs=0.1)
+    assert tiny["cosine"] == pytest.approx(1.0) and tiny["sqnr_db"] == float("inf")
