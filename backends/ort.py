@@ -432,7 +432,7 @@ def emit(model: Model, folder: Path, *, target: str = "cpu", accuracy_level: int
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             options.add_session_config_entry("session.save_model_format", "ORT")
             files.append(ORT_FILE)
-        elif any(qops.is_quantized(node) for node in lowered.graph.nodes):
+        elif lowered.quantized_nodes():
             # only whether ONNX Runtime accepts the file: folding the reference functions'
             # decode would hold many times the float model (the sessions that run it decode
             # those layers with NumPy first, see make_session)

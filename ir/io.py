@@ -119,15 +119,20 @@ def _external_target(tensor: onnx.TensorProto, path: Path, base: Path):
 
 def _check_extent(tensor: onnx.TensorProto, info, target: Path, path: Path) -> None:
     """A mapped tensor's bytes must be exactly its shape's, and inside the file."""
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    size = itemsize
-    for dim in tensor.dims:
-        size *= dim
+    size = _shape_bytes(tensor)
     if info.length is not None and info.length != size:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has {info.length} bytes of external data, "
                              f"its shape needs {size}")
     if (info.offset or 0) + size > target.stat().st_size:
         raise ModelLoadError(f"{path}: external data file {info.location} is truncated")
+
+
+def _shape_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor's shape and element type need (one element per byte or more)."""
+    size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    for dim in tensor.dims:
+        size *= dim
+    return size
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> None:
@@ -177,11 +182,7 @@ def _save_model_streamed(model: Model, path: Path, min_bytes: int = 1024) -> Non
             if not proto.HasField("raw_data") or proto.data_location == onnx.TensorProto.EXTERNAL:
                 continue
             raw = proto.raw_data
-            numel = 1
-            for dim in proto.dims:
-                numel *= dim
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
-            if len(raw) < min_bytes or len(raw) != numel * itemsize:
+            if len(raw) < min_bytes or len(raw) != _shape_bytes(proto):
                 continue  # small, or a packed type whose bytes the shape does not give: left inline
             offset = -(-data.tell() // 4096) * 4096
             data.seek(offset)

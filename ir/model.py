@@ -108,7 +108,7 @@ class Model:
     def constant_bytes(self) -> int:
         """Bytes of every initializer: the size of the weights on disk."""
         return sum(
-            _nbytes(tensor)
+            constant_nbytes(tensor)
             for tensor in self.graph.tensors().values()
             if isinstance(tensor, gs.Constant)
         )
@@ -129,7 +129,8 @@ class Model:
             self.mark(node, pass_name)
 
 
-def _nbytes(constant: gs.Constant) -> int:
+def constant_nbytes(constant: gs.Constant) -> int:
+    """Bytes of a constant's values (from its shape and dtype, without loading them)."""
     shape = constant.shape or ()
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize
 

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from qcompile.errors import VerificationError
 
 from . import mapped, qops
-from .model import Model
+from .model import Model, constant_nbytes
 
 
 def verify(model: Model) -> None:
@@ -56,9 +56,7 @@ def weightless(model: Model) -> Model:
 
 
 def _is_weight(tensor: gs.Constant) -> bool:
-    if isinstance(tensor, mapped.MappedConstant) and isinstance(tensor._values, mapped.MappedValues):
-        return True
-    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize >= WEIGHT_BYTES
+    return isinstance(tensor._values, mapped.MappedValues) or constant_nbytes(tensor) >= WEIGHT_BYTES
 
 
 def _check_names_and_dataflow(graph: gs.Graph) -> None:
