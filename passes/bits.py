@@ -3,7 +3,7 @@
 ShiftAddLLM's allocation, with the measured error the project's algorithm notes
 recommend: for every layer the later passes would rewrite and every candidate width
 ``b``, a cost ``C[i, b]``; then the parameter-weighted multiple-choice knapsack
-``min sum_i C[i, b_i]`` s.t. ``sum_i n_i b_i <= avg * sum_i n_i`` (or the layers' bytes
+``min sum_i C[i, b_i]`` s.t. ``sum_i n_i b_i <= avg * sum_i n_i`` (or the model's bytes
 ``<= max_mb``), solved exactly (:mod:`qcompile.passes.knapsack`). Costs (``score``):
 
 * ``output`` (default): the layer-output error of a quick BCQ fit at ``b`` bits (with
@@ -14,9 +14,11 @@ recommend: for every layer the later passes would rewrite and every candidate wi
 * ``paper``: ShiftAddLLM's ``||IS||_F * std(IS)^2`` with ``IS = W / diag(chol(H^-1))``
   (column-wise), times ``4^-b`` (the noise power of ``b`` bits relative to 0 bits).
 
-``avg`` counts the planes' bits only; ``max_mb`` also counts the bytes of the sparse
-corrections ``shiftadd`` adds with ``outliers`` (the same in every width, so they shrink the
-budget left for the planes).
+``avg`` counts the planes' bits only. ``max_mb`` is a budget for the whole model's weights:
+every planned layer as the pass that follows stores it (``shiftadd``: packed planes, alpha
+terms, outlier corrections; ``quant``: codes, scales, zero points; with neither after it,
+``shiftadd``'s defaults with this pass's ``outliers``), computed from the shapes by that
+pass's ``stored_bytes``, plus every other initializer as it is now.
 
 Plan/apply: the plan (JSON) goes to the model's metadata ``qcompile.bits_plan``
 (:mod:`qcompile.passes.plan`) and to the pass stats (so to the manifest); ``plan=FILE``
@@ -36,20 +38,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.errors import UsageError
-from qcompile.ir.model import Model
+from qcompile.ir.model import Model, constant_nbytes
 
 from . import knapsack
 from .base import Pass, PassResult, option
-from .bcqfit import bcq_rowwise, outliers_per_row
+from .bcqfit import bcq_rowwise
 from .context import PassContext
 from .gptq import inverse_hessian_factor, prepare_hessian
-from .layers import content_key, layer_matrix, select_layers
+from .layers import content_key, layer_matrix, select_layers, weight_of
 from .plan import check_plan, read_plan, write_plan
+from .shiftadd import ShiftAdd, layer_kind
 
 log = logging.getLogger(__name__)
 
 SAMPLED_TABLE_ROWS = 4096  # rows of an embedding table fitted to estimate its error
-CORRECTION_BITS = 32  # one shiftadd outlier correction: a 16-bit column and two 8-bit APoT terms
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,15 @@ class Bits(Pass):
     summary: ClassVar[str] = "mixed-precision plan: per-layer bits by an exact knapsack over measured errors"
 
     avg: float = option(0.0, "parameter-weighted average bits budget (0 = none)", min=0.0, max=8.0)
-    max_mb: float = option(0.0, "budget for the planned layers' packed bits (bits x weights / 8, plus the "
-                           "outlier corrections; alphas and scales not counted), in MB of 10^6 (0 = none)", min=0.0)
+    max_mb: float = option(0.0, "budget for the model's weights in MB of 10^6: the planned layers as the next "
+                           "shiftadd/quant stores them (codes, alphas or scales, corrections) plus every other "
+                           "weight (0 = none)", min=0.0)
     candidates: tuple[str, ...] = option(("2", "3", "4"), "bit widths to choose from, separated by |")
     score: str = option("output", "output = measured layer-output error of a quick BCQ fit; paper = "
                         "ShiftAddLLM's ||IS||_F*std(IS)^2 x 4^-bits", choices=("output", "paper"))
     group_size: int = option(128, "quick fit: columns per alpha", choices=(32, 64, 128))
     outliers: float = option(0.015, "fraction of each row the later shiftadd keeps as sparse corrections (its "
-                             "outliers; 0 = none): in the quick fit, and in max_mb at 4 bytes each",
+                             "outliers; 0 = none): in the quick fit (and in max_mb when no shiftadd follows)",
                              min=0.0, max=0.25)
     plan: str = option("", "apply this JSON plan file instead of measuring (e.g. one saved from an earlier run)")
     embeddings: bool = option(True, "plan Gather embedding tables too")
@@ -84,6 +87,8 @@ class Bits(Pass):
             raise UsageError("bits: candidates must be bit widths in 1..8")
         if not self.plan and not self.avg and not self.max_mb:
             raise UsageError("bits: give a budget (avg=BITS or max_mb=MB) or plan=FILE")
+        if self.avg and self.max_mb:
+            raise UsageError("bits: give one budget, avg=BITS or max_mb=MB, not both")
         if self.avg and (self.avg < min(widths) or self.avg > max(widths)):
             raise UsageError(f"bits: avg={self.avg} is outside the candidates {min(widths)}..{max(widths)}")
 
@@ -131,12 +136,11 @@ class Bits(Pass):
         grams = ctx.gram(model, [n.inputs[0].name for n in nodes if n.op in ("MatMul", "Gemm")])
         ctx.progress.start(f"{self.name}: layers", len(nodes))
         costs: dict[str, dict[int, float]] = {}
-        params: dict[str, int] = {}
+        shapes: dict[str, tuple[int, int]] = {}
         # layers holding the same values (a tied embedding and LM head) are stored once: one
         # choice for all of them, its weights counted once (on the first), its costs summed
         first_of: dict[str, str] = {}
         owner_of: dict[str, str] = {}
-        corrections = 0
         for node in nodes:
             matrix, _, _ = layer_matrix(node)
             gram_rows = grams.get(node.inputs[0].name)
@@ -144,20 +148,32 @@ class Bits(Pass):
             owner = owner_of[node.name] = first_of.setdefault(content_key(matrix), node.name)
             layer_costs = self._costs(node.name, matrix, gram, ctx)
             if owner == node.name:
-                costs[node.name], params[node.name] = layer_costs, int(matrix.size)
-                corrections += matrix.shape[0] * outliers_per_row(self.outliers, matrix.shape[1])
+                costs[node.name], shapes[node.name] = layer_costs, matrix.shape
             else:
                 costs[owner] = {b: costs[owner][b] + layer_costs[b] for b in layer_costs}
             ctx.progress.advance()
         names = list(costs)
         widths = self.widths
-        budget_bits = self._budget_bits(params, corrections * CORRECTION_BITS)
-        solution = knapsack.solve([[costs[n][b] for b in widths] for n in names],
-                                  [[params[n] * b for b in widths] for n in names], budget_bits)
+        params = {n: shapes[n][0] * shapes[n][1] for n in names}
+        storage = self._storage(ctx)
+        members = {n: [node for node in nodes if owner_of[node.name] == n] for n in names}
+        stored = {n: [storage.stored_bytes(layer_kind(members[n]), *shapes[n], b) for b in widths] for n in names}
+        # every initializer the plan does not cover stays as it is
+        planned = {id(weight_of(node)): weight_of(node) for node in nodes}
+        rest = model.constant_bytes() - sum(constant_nbytes(w) for w in planned.values() if w is not None)
+        if self.max_mb:
+            sizes, budget = [stored[n] for n in names], int(self.max_mb * 1e6) - rest
+        else:
+            sizes = [[params[n] * b for b in widths] for n in names]
+            budget = int(np.floor(self.avg * sum(params.values()) + 1e-6))
+        solution = knapsack.solve([[costs[n][b] for b in widths] for n in names], sizes, budget)
         if solution is None:
-            raise UsageError(f"bits: no plan fits the budget ({self._budget_text()}) even at {widths[0]} bits")
+            raise UsageError(f"bits: no plan fits the budget ({self._budget_text()}) even at {widths[0]} bits"
+                             + (f" (the weights left out of the plan alone take {rest / 1e6:.3f} MB)"
+                                if self.max_mb else ""))
         choice, exact = solution
         layers = {name: widths[index] for name, index in zip(names, choice, strict=True)}
+        model_bytes = rest + sum(stored[n][index] for n, index in zip(names, choice, strict=True))
         shared = {name: owner for name, owner in owner_of.items() if owner != name}
         for name, owner in shared.items():
             layers[name], params[name], costs[name] = layers[owner], 0, dict.fromkeys(widths, 0.0)
@@ -169,6 +185,8 @@ class Bits(Pass):
             "score": self.score,
             "exact": exact,
             "average_bits": round(sum(params[n] * layers[n] for n in names) / total, 4) if total else None,
+            "model_mb": round(model_bytes / 1e6, 6),
+            "stored_as": storage.name,
             "layers": layers,
             "costs": {n: {str(b): float(f"{costs[n][b]:.6g}") for b in widths} for n in names},
             "params": params,
@@ -176,16 +194,10 @@ class Bits(Pass):
             "skipped": skipped,
         }
 
-    def _budget_bits(self, params: dict[str, int], correction_bits: int = 0) -> int:
-        """The budget in parameter-bits (``max_mb`` counts the packed bits of the layers and
-        ``correction_bits``, the outliers' sparse corrections)."""
-        total = sum(params.values())
-        limits = []
-        if self.avg:
-            limits.append(int(np.floor(self.avg * total + 1e-6)))
-        if self.max_mb:
-            limits.append(int(self.max_mb * 1e6 * 8) - correction_bits)
-        return min(limits)
+    def _storage(self, ctx: PassContext) -> Any:
+        """The pass whose storage ``max_mb`` counts: the first ``shiftadd`` or ``quant`` after this one,
+        else ``shiftadd`` with its defaults and this pass's ``outliers``."""
+        return next((p for p in ctx.later if p.name in ("shiftadd", "quant")), None) or ShiftAdd(outliers=self.outliers)
 
     def _budget_text(self) -> str:
         return f"avg={self.avg}" if self.avg else f"max_mb={self.max_mb}"

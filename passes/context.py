@@ -26,6 +26,7 @@ from .calibration import CalibrationSet
 from .executor import Executor, SerialExecutor
 
 if TYPE_CHECKING:
+    from .base import Pass
     from .sequential import SequentialStatistics
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class PassContext:
     # teacher); set by the manager only then. Not a copy: passes never edit it (they work on
     # the manager's copy), so it costs no memory beyond the input model the caller holds.
     reference: Model | None = None
+    # The passes after the one running, set by the manager before each pass (empty for a pass
+    # run alone): ``bits`` sizes a ``max_mb`` budget by how the pass that follows stores weights.
+    later: tuple[Pass, ...] = ()
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded by ``seed`` and ``salt`` (e.g. a layer name): order-independent."""

