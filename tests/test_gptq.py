@@ -81,3 +81,21 @@ def test_quant_gptq_needs_calibration_and_reports_layer_errors():
     rtn, (rtn_record,) = PassManager(parse_pipeline("quant(bits=3,min_size=0)"),
                                      eval_samples=calib).run(model, PassContext(calib=calib))
     assert fc1["output_sqnr_db"] > rtn_record.stats["layers"]["fc1"]["output_sqnr_db"]
+
+
+def test_output_stats_of_a_huge_layer_come_from_evenly_spaced_channels(monkeypatch):
+    """Past the flop limit the layer-output SQNR is taken over a subset of output channels, says
+    so, and stays close to the exact value."""
+    from qcompile.passes import layers
+
+    rng = np.random.default_rng(3)
+    inputs = _correlated_inputs(rng, cols=64)
+    gram = inputs.astype(np.float64).T @ inputs
+    weight = rng.standard_normal((512, 64))
+    recon = weight + 0.05 * rng.standard_normal(weight.shape)
+    exact = layers.output_error(weight, recon, gram)
+    assert "output_channels_sampled" not in exact
+    monkeypatch.setattr(layers, "MAX_OUTPUT_STATS_FLOPS", 2 * 512 * 64 * 64 / 8)
+    sampled = layers.output_error(weight, recon, gram)
+    assert sampled["output_channels_sampled"] == 64
+    assert sampled["output_sqnr_db"] == pytest.approx(exact["output_sqnr_db"], abs=0.5)
