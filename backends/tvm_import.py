@@ -34,7 +34,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from qcompile.errors import UnsupportedModelError
 from qcompile.ir import mapped, qops
-from qcompile.ir.canonicalize import _set_input_shapes, infer_shapes
+from qcompile.ir.canonicalize import _set_input_shapes, fold_constants, infer_shapes
 from qcompile.ir.model import Model
 
 from . import tvm_bcq, tvm_sparse
@@ -479,7 +479,7 @@ def static_proto(model: Model, input_shapes: dict[str, tuple[int, ...]] | None) 
         graph = gs.import_onnx(infer_shapes(proto))
         before = len(graph.nodes)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            graph.fold_constants(error_ok=True)
+            fold_constants(graph)
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.functions = [f for f in graph.functions if f.domain != qops.DOMAIN]
         folded = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
@@ -49,7 +50,7 @@ def canonicalize(model: Model, input_shapes: dict[str, tuple[int, ...]] | None =
     mapped.map_external(graph)
     graph.cleanup(remove_unused_graph_inputs=False)
     if not any(node.domain == "qcompile" for node in graph.nodes):
-        graph.fold_constants(error_ok=True)
+        fold_constants(graph)
         graph.cleanup(remove_unused_graph_inputs=False)
     try:
         graph.toposort()
@@ -58,6 +59,28 @@ def canonicalize(model: Model, input_shapes: dict[str, tuple[int, ...]] | None =
     _unique_names(graph)
     result = Model(graph, metadata=model.metadata, provenance=model.provenance, source=model.source)
     return Model.from_proto(infer_shapes(result.to_proto()), source=model.source)
+
+
+def fold_constants(graph: gs.Graph) -> None:
+    """onnx-graphsurgeon's constant folding, with ``Shape(start=, end=)`` (opset 15) kept exact.
+
+    graphsurgeon 0.6 folds ``Shape`` from its input's shape and ignores ``start``/``end``: a
+    ``Shape(x, start=1, end=2)`` of a static ``[1, 9]`` input became ``[1, 9]`` instead of
+    ``[9]``, and a ``Gather`` of one took the wrong dimension (the ``torch.export`` exporter
+    writes every symbolic size that way). Each such ``Shape`` is first split into a full
+    ``Shape`` and a ``Slice`` of it, which graphsurgeon folds correctly (or leaves alone).
+    """
+    for node in list(graph.nodes):
+        if node.op != "Shape" or ("start" not in node.attrs and "end" not in node.attrs):
+            continue
+        start, end = int(node.attrs.pop("start", 0)), node.attrs.pop("end", None)
+        output = node.outputs[0]
+        full = gs.Variable(f"{output.name}.full", dtype=np.int64)
+        node.outputs = [full]
+        bounds = {"start": start, "end": np.iinfo(np.int64).max if end is None else int(end), "axis": 0}
+        constants = [gs.Constant(f"{output.name}.{k}", np.array([v], np.int64)) for k, v in bounds.items()]
+        graph.nodes.append(gs.Node("Slice", f"{node.name}.slice", inputs=[full, *constants], outputs=[output]))
+    graph.fold_constants(error_ok=True)
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -144,6 +144,32 @@ def test_canonicalize_shapes_folding_names(tmp_path):
         canonicalize(Model.from_proto(proto), {"x": (2, 9)})
 
 
+@pytest.mark.parametrize("input_shape", [None, (1, 5, 4)])
+def test_folding_keeps_shape_start_and_end(input_shape):
+    """Shape(start=, end=) (opset 15, what torch.export writes for symbolic sizes) folds to the
+    sliced shape: graphsurgeon alone folded the full shape, and a Gather of it took the wrong dim."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s1"], start=1, end=2),  # [n]
+        helper.make_node("Shape", ["x"], ["s2"], start=-2),  # [n, 4]
+        helper.make_node("Gather", ["s2", "zero"], ["n"], axis=0),  # n
+        helper.make_node("Cast", ["s1"], ["y1"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["s2"], ["y2"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["n"], ["y3"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3")],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.zeros((1, 5, 4), np.float32)}
+    expected = make_session(proto).run(None, feeds)
+    model = canonicalize(Model.from_proto(proto), {"x": input_shape} if input_shape else None)
+    actual = make_session(model).run(None, feeds)
+    assert [a.tolist() for a in actual] == [e.tolist() for e in expected] == [[5.0], [5.0, 4.0], 5.0]
+    if input_shape:  # static: every size folds into a constant
+        assert not any(n.op in ("Shape", "Gather") for n in model.graph.nodes)
+
+
 def test_canonicalize_upgrades_old_opsets():
     model = mlp_model()
     model.opset_import[0].version = 11
