@@ -46,6 +46,7 @@ from .patterns import RMSNorm, SwiGLU, rmsnorms, swiglus
 log = logging.getLogger(__name__)
 
 LINEAR_OPS = ("MatMul", "Gemm")
+NO_STATISTICS = "no activation statistics: synthetic inputs are not valid for this model; give --calib"
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,11 @@ class Fold(Pass):
             return False
         outputs = [norm.outputs[0].name for norm, _ in producers]
         activations = ctx.capture(model, outputs, allow_synthetic=True)
+        if not activations:  # synthetic inputs the model rejects (e.g. an LLM decode graph's)
+            for norm, _ in producers:
+                stats["skipped"][norm.name] = NO_STATISTICS
+            stats["activation_statistics"] = "none"
+            return False
         for norm, matched in producers:
             rows = activations[norm.outputs[0].name]
             self._smooth_one(model, norm, rows, stats, matched)
@@ -200,6 +206,11 @@ class Fold(Pass):
         if not chosen:
             return False
         activations = ctx.capture(model, [m.down.inputs[0].name for m in chosen], allow_synthetic=True)
+        if not activations:
+            for mlp in chosen:
+                stats["skipped"][mlp.down.name] = NO_STATISTICS
+            stats["activation_statistics"] = "none"
+            return False
         for mlp in chosen:
             rows = activations[mlp.down.inputs[0].name]
             act_max = np.abs(rows).max(axis=0).astype(np.float64)

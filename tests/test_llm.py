@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import qcompile  # noqa: E402
 from qcompile import compile as compile_model  # noqa: E402
 from qcompile.cli import main  # noqa: E402
 from qcompile.frontends import load_model  # noqa: E402
@@ -152,6 +153,35 @@ def test_fold_smooths_rmsnorm_exactly(tiny):
     np.testing.assert_allclose(after, reference, atol=2e-4, rtol=1e-4)
     again = _run_passes(model, "fold", calib)[0]
     assert not again.changed  # idempotent
+
+
+def test_fold_on_a_decode_graph_without_calibration_says_why_it_smoothed_nothing(tiny, tmp_path):
+    """Synthetic stand-ins are not valid inputs of a decode graph (its position ids index a
+    table): fold skips smoothing with a reason instead of failing."""
+    result = compile_model(str(tiny["decode"]), passes="fold", output=tmp_path / "out")
+    stats = result.records[0].stats
+    assert stats["activation_statistics"] == "none" and not stats["smoothed"]
+    assert sum("give --calib" in reason for reason in stats["skipped"].values()) == 3 * LAYERS
+
+
+def test_tvm_compiles_a_decode_step_at_a_fixed_past_length(tiny, tmp_path):
+    """TVM artifacts have static shapes: one decode step at a fixed past length, exact for fold."""
+    pytest.importorskip("tvm")
+    past = 5
+    shapes = {"input_ids": (1, 1), "attention_mask": (1, past + 1),
+              **{name: (1, KV_HEADS, past, HEAD_DIM) for name in _empty_past(1)}}
+    rng = np.random.default_rng(2)
+    feeds = {"input_ids": np.array([[11]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
+             **{name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()
+                if name.startswith("past")}}
+    calib = {name: np.concatenate([value, value]) for name, value in feeds.items()}
+    result = compile_model(str(tiny["decode"]), passes="fold", calib=calib, backend="tvm", input_shapes=shapes,
+                           output=tmp_path / "tvm")
+    expected = make_session(str(tiny["decode"])).run(None, feeds)
+    outputs = qcompile.load(result.path).run(feeds)
+    for name, want in zip([o.name for o in onnx.load(str(tiny["decode"]), load_external_data=False).graph.output],
+                          expected, strict=True):
+        np.testing.assert_allclose(outputs[name], want, atol=1e-4, rtol=1e-4)
 
 
 def test_quant_shares_the_tied_embedding(tiny, tmp_path):

@@ -51,6 +51,24 @@ def test_synthetic_inputs_a_model_rejects_leave_errors_unmeasured(tmp_path):
     assert next(iter(out.values())).shape == (5, 48)
 
 
+def test_fold_with_synthetic_inputs_a_model_rejects_skips_smoothing_with_a_reason(tmp_path):
+    """fold's SmoothQuant needs activation ranges; when the synthetic stand-ins fail (as an LLM decode
+    graph's do) it says why it smoothed nothing instead of failing with a KeyError."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["h"], name="fc"),
+             helper.make_node("Expand", ["h", "shape"], ["y"], name="expand")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 32]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+                       [numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "gamma"),
+                        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "beta"),
+                        numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "w")])
+    result = qcompile.compile(model, passes="fold", output=tmp_path / "out")
+    stats = result.records[0].stats
+    assert stats["activation_statistics"] == "none" and "give --calib" in stats["skipped"]["norm"]
+
+
 def test_real_calibration_a_model_rejects_is_one_clear_error(tmp_path):
     calib = {"x": np.ones((1, 5, 32), np.float32), "shape": np.array([[7, 3]])}
     with pytest.raises(ExecutionError, match="calibration data.*Expand"):
