@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,18 @@ def _export_cpu(executable, folder: Path, target: str) -> str:
 # ----------------------------------------------------------------------------------
 
 
+def _load_library(path: Path) -> Any:
+    """``tvm.runtime.load_module`` of a private copy of ``path``: the dynamic loader hands back a
+    library already loaded from the same path, so an artifact rebuilt in the same folder would
+    otherwise run the previous build's code. The copy is removed once loaded (the mapping stays)."""
+    import tvm
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-tvm-") as private:
+        copy = Path(private) / path.name
+        shutil.copyfile(path, copy)
+        return tvm.runtime.load_module(str(copy))
+
+
 class TvmArtifact:
     """A TVM artifact folder loaded into a Relax VM (``run(feeds)`` like the ORT one)."""
 
@@ -247,7 +260,7 @@ class TvmArtifact:
         self.backend = backend
         self._device, library = self._pick_library(backend, device)
         try:
-            module = tvm.runtime.load_module(str(folder / library))
+            module = _load_library(folder / library)
             self._vm = relax.VirtualMachine(module, self._device)
             params = np.load(folder / backend["params_file"])
             self._params = [tvm.runtime.tensor(params[name], self._device) for name in backend["params"]]

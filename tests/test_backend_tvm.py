@@ -108,6 +108,19 @@ def test_artifact_round_trip_and_cli_run(tmp_path, capsys):
         artifact.run({"ids": mlp_feeds(3)["ids"]})  # the artifact is compiled for batch 2
 
 
+def test_an_artifact_rebuilt_in_the_same_folder_runs_the_new_build(tmp_path):
+    """The dynamic loader would hand back the library already loaded from that path."""
+    feeds = mlp_feeds(2)
+    outputs = []
+    for seed in (0, 1):
+        result = qcompile.compile(mlp_model(seed=seed), passes="quant(bits=8,min_size=0)", backend="tvm",
+                                  input_shapes={"ids": (2, 4)}, output=tmp_path / "same")
+        outputs.append(qcompile.load(result.path).run(feeds)["y"])
+        expected = make_session(mlp_model(seed=seed)).run(None, feeds)[0]
+        np.testing.assert_allclose(outputs[-1], expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+    assert not np.allclose(outputs[0], outputs[1])
+
+
 @needs_nvcc
 def test_cuda_build_without_gpu(tmp_path):
     result, _ = _compile(tmp_path, mlp_model(), "quant(bits=3,min_size=0)", {"ids": (1, 4)}, target="cuda",
