@@ -76,7 +76,7 @@ def cases(only: str | None = None) -> list[Case]:
     return [case for case in found if only is None or only in case.name]
 
 
-WALL_FACTOR = 4
+WALL_FACTOR = 3
 
 
 class _Timeout(Exception):
@@ -162,7 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", default="quant(bits=8)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative L2 error of an output")
-    parser.add_argument("--timeout", type=int, default=120, help="CPU seconds per model (wall-clock: 4x)")
+    parser.add_argument("--timeout", type=int, default=120, help="CPU seconds per model (wall-clock: 3x)")
     parser.add_argument("--only", help="cases whose name contains this")
     args = parser.parse_args()
     outcomes = sweep(args.passes, args.tolerance, args.timeout, args.only)
