@@ -7,6 +7,7 @@ functions of quantized ops are written against opset >= 13 semantics).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 
 import numpy as np
@@ -37,6 +38,21 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise UsageError(f"--input-shape {spec!r}: expected NAME=DxDx..., e.g. input_ids=1x128")
         shapes[name] = shape
     return shapes
+
+
+def expand_input_shapes(shapes: dict[str, tuple[int, ...]], inputs: list[str]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with glob patterns (``past_key_values.*=1x3x127x64``) replaced by the inputs they
+    match; exact names win over patterns. A pattern that matches no input is an error."""
+    expanded: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if not any(c in name for c in "*?["):
+            continue
+        matched = fnmatch.filter(inputs, name)
+        if not matched:
+            raise UsageError(f"--input-shape {name}: the pattern matches no input (inputs: {', '.join(inputs)})")
+        expanded.update(dict.fromkeys(matched, shape))
+    expanded.update({name: shape for name, shape in shapes.items() if not any(c in name for c in "*?[")})
+    return expanded
 
 
 def canonicalize(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Model:

@@ -18,7 +18,7 @@ from qcompile.backends import tvm as tvm_backend
 from qcompile.errors import UsageError
 from qcompile.frontends import load_model
 from qcompile.ir import io, qops
-from qcompile.ir.canonicalize import canonicalize, parse_input_shapes
+from qcompile.ir.canonicalize import canonicalize, expand_input_shapes, parse_input_shapes
 from qcompile.ir.model import Model
 from qcompile.ir.runtime import compare_outputs, run_batches
 from qcompile.passes.base import Pass
@@ -134,6 +134,7 @@ def compile(
     started = time.perf_counter()
 
     source = load_model(model, example_inputs=example_inputs)
+    shapes = expand_input_shapes(shapes, [tensor.name for tensor in source.graph.inputs])
     tvm_only = backend == "tvm" or (backend == "auto" and target not in ort_backend.TARGETS)
     canonical = canonicalize(source, {} if tvm_only else shapes)
     calibration = load_calibration(calib, canonical, seed=seed) if calib is not None else None

@@ -63,7 +63,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", help="tvm + cuda: compute capabilities, e.g. sm_80,sm_90 (default)")
     parser.add_argument("-o", "--output", help="artifact folder (default: MODEL.qcompile next to the model)")
     parser.add_argument("--calib", help="samples.npz, a folder of .npy, or random:N")
-    parser.add_argument("--input-shape", action="append", metavar="NAME=DxD", help="static input shape (repeatable)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=DxD", help="static input shape (repeatable); NAME may be a glob, e.g. 'past_key_values.*=1x3x127x64'")
     parser.add_argument("--verify", action="store_true", help="check numerically that exact passes kept the outputs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 import qcompile  # noqa: E402
 from qcompile import compile as compile_model  # noqa: E402
 from qcompile.cli import main  # noqa: E402
+from qcompile.errors import UsageError  # noqa: E402
 from qcompile.frontends import load_model  # noqa: E402
 from qcompile.frontends.llm import cached_causal_lm_onnx, is_causal_lm_folder  # noqa: E402
 from qcompile.ir import io, qops  # noqa: E402
@@ -170,13 +171,18 @@ def test_tvm_compiles_a_decode_step_at_a_fixed_past_length(tiny, tmp_path):
     past = 5
     shapes = {"input_ids": (1, 1), "attention_mask": (1, past + 1),
               **{name: (1, KV_HEADS, past, HEAD_DIM) for name in _empty_past(1)}}
+    specs = ["input_ids=1x1", f"attention_mask=1x{past + 1}", f"past_key_values.*=1x{KV_HEADS}x{past}x{HEAD_DIM}"]
     rng = np.random.default_rng(2)
     feeds = {"input_ids": np.array([[11]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
              **{name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()
                 if name.startswith("past")}}
     calib = {name: np.concatenate([value, value]) for name, value in feeds.items()}
-    result = compile_model(str(tiny["decode"]), passes="fold", calib=calib, backend="tvm", input_shapes=shapes,
+    with pytest.raises(UsageError, match="past_values.*matches no input"):
+        compile_model(str(tiny["decode"]), passes="fold", backend="tvm", input_shapes=["past_values.*=1x2"],
+                      output=tmp_path / "bad")
+    result = compile_model(str(tiny["decode"]), passes="fold", calib=calib, backend="tvm", input_shapes=specs,
                            output=tmp_path / "tvm")
+    assert result.manifest["backend"]["input_shapes"] == {name: list(shape) for name, shape in shapes.items()}
     expected = make_session(str(tiny["decode"])).run(None, feeds)
     outputs = qcompile.load(result.path).run(feeds)
     for name, want in zip([o.name for o in onnx.load(str(tiny["decode"]), load_external_data=False).graph.output],
