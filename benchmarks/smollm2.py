@@ -76,23 +76,28 @@ def _build_ort(source: Path, work: Path, spec: str, rebuild: bool) -> tuple[str,
 
 
 def _build_qcompile(source: Path, work: Path, spec: str, calib: dict, rebuild: bool,
-                    ort_fusion: bool = True) -> tuple[str, Path, float]:
-    target = work / f"qc-{_slug(spec)}{'' if ort_fusion else '-unfused'}"
+                    ort_fusion: bool = True, backend: str = "ort",
+                    input_shapes: dict[str, tuple[int, ...]] | None = None, suffix: str = ""
+                    ) -> tuple[str, Path, float]:
+    """Build (or reuse) ``work/qc-SPEC[-unfused]SUFFIX``: the label, the folder, the seconds taken."""
+    target = work / f"qc-{_slug(spec)}{'' if ort_fusion else '-unfused'}{suffix}"
     started = time.perf_counter()
     if rebuild and target.exists():
         shutil.rmtree(target)
     if not target.is_dir():  # in a child process: the compiler's peak memory is returned when it ends
-        child = multiprocessing.get_context("spawn").Process(target=_compile,
-                                                             args=(source, spec, calib, target, ort_fusion))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_compile, args=(source, spec, calib, target, ort_fusion, backend, input_shapes))
         child.start()
         child.join()
         if child.exitcode != 0 or not target.is_dir():
-            raise SystemExit(f"compiling {spec} failed (exit code {child.exitcode})")
+            raise SystemExit(f"compiling {spec} ({backend}) failed (exit code {child.exitcode})")
     return f"qcompile {spec}{'' if ort_fusion else ' (no ORT fusion)'}", target, time.perf_counter() - started
 
 
-def _compile(source: Path, spec: str, calib: dict, target: Path, ort_fusion: bool = True) -> None:
-    qcompile.compile(str(source), passes=spec, calib=calib, output=target, ort_fusion=ort_fusion)
+def _compile(source: Path, spec: str, calib: dict, target: Path, ort_fusion: bool = True, backend: str = "ort",
+             input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    qcompile.compile(str(source), passes=spec, calib=calib, output=target, ort_fusion=ort_fusion, backend=backend,
+                     input_shapes=input_shapes)
 
 
 def _size_mb(path: Path) -> float:

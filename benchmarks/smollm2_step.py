@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from smollm2 import _build_qcompile
 
 import qcompile
 from qcompile.frontends.llm import cached_causal_lm_onnx, smollm2_path
@@ -58,15 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     past_inputs = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in fp32.past_inputs}
     calib = calibration_arrays(fp32.input_names, tokenizer, samples=args.calib_windows, past_shapes=past_inputs)
     del fp32
-    feeds = _step_feeds(source, tokenizer, past_inputs, args.past)
+    reference_model = _OrtFile(source)
+    feeds = _step_feeds(reference_model, tokenizer, past_inputs, args.past)
     shapes = {name: tuple(value.shape) for name, value in feeds.items()}
 
     args.work.mkdir(parents=True, exist_ok=True)
-    models: dict[str, tuple[object, float]] = {"ONNX Runtime FP32": (_OrtFile(source), source.stat().st_size / 1e6)}
+    models: dict[str, tuple[object, float]] = {"ONNX Runtime FP32": (reference_model, source.stat().st_size / 1e6)}
     for spec in args.passes or list(DEFAULT_PASSES):
         for backend in ("ort", "tvm"):
-            target = args.work / f"{backend}-p{args.past}-{re.sub(r'[^A-Za-z0-9=.,_-]+', '_', spec)}"
-            _build(source, spec, calib, target, backend, shapes if backend == "tvm" else None, args.rebuild)
+            label, target, seconds = _build_qcompile(
+                source, args.work, spec, calib, args.rebuild, backend=backend,
+                input_shapes=shapes if backend == "tvm" else None, suffix=f"-tvm-p{args.past}" if backend == "tvm" else "")
+            print(f"{label} ({backend}): {target.name}, {seconds:.0f} s", flush=True)
             manifest = json.loads((target / "manifest.json").read_text())
             models[f"qcompile {spec} ({backend.upper()})"] = (qcompile.load(target),
                                                              manifest["sizes"]["artifact_bytes"] / 1e6)
@@ -109,12 +110,12 @@ class _OrtFile:
         return dict(zip(self.names, self.session.run(None, feeds), strict=True))
 
 
-def _step_feeds(source: Path, tokenizer, past_inputs: dict[str, tuple[int, int]], past: int) -> dict[str, np.ndarray]:
+def _step_feeds(fp32: _OrtFile, tokenizer, past_inputs: dict[str, tuple[int, int]], past: int) -> dict[str, np.ndarray]:
     """input_ids / attention_mask / past_key_values.* of the step after ``past`` real tokens (FP32's cache)."""
     ids = np.asarray(tokenizer(english_text("eval"), add_special_tokens=False)["input_ids"][: past + 1], np.int64)
     prompt = {"input_ids": ids[None, :past], "attention_mask": np.ones((1, past), np.int64)}
     prompt.update({name: np.zeros((1, heads, 0, dim), np.float32) for name, (heads, dim) in past_inputs.items()})
-    outputs = _OrtFile(source).run(prompt)
+    outputs = fp32.run(prompt)
     feeds = {"input_ids": ids[None, past:], "attention_mask": np.ones((1, past + 1), np.int64)}
     feeds.update({name: outputs[name.replace("past_key_values", "present")] for name in past_inputs})
     return feeds
@@ -122,27 +123,6 @@ def _step_feeds(source: Path, tokenizer, past_inputs: dict[str, tuple[int, int]]
 
 def _logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(outputs["logits"], np.float64).reshape(-1)
-
-
-def _build(source: Path, spec: str, calib: dict, target: Path, backend: str,
-           shapes: dict[str, tuple[int, ...]] | None, rebuild: bool) -> None:
-    if rebuild and target.exists():
-        shutil.rmtree(target)
-    if target.is_dir():
-        return
-    started = time.perf_counter()
-    child = multiprocessing.get_context("spawn").Process(target=_compile, args=(source, spec, calib, target,
-                                                                                 backend, shapes))
-    child.start()
-    child.join()
-    if child.exitcode != 0 or not target.is_dir():
-        raise SystemExit(f"compiling {spec} for {backend} failed (exit code {child.exitcode})")
-    print(f"built {target.name} in {time.perf_counter() - started:.0f} s", flush=True)
-
-
-def _compile(source: Path, spec: str, calib: dict, target: Path, backend: str,
-             shapes: dict[str, tuple[int, ...]] | None) -> None:
-    qcompile.compile(str(source), passes=spec, calib=calib, output=target, backend=backend, input_shapes=shapes)
 
 
 if __name__ == "__main__":

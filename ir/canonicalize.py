@@ -43,15 +43,14 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
 def expand_input_shapes(shapes: dict[str, tuple[int, ...]], inputs: list[str]) -> dict[str, tuple[int, ...]]:
     """``shapes`` with glob patterns (``past_key_values.*=1x3x127x64``) replaced by the inputs they
     match; exact names win over patterns. A pattern that matches no input is an error."""
+    patterns = {name: shape for name, shape in shapes.items() if any(c in name for c in "*?[")}
     expanded: dict[str, tuple[int, ...]] = {}
-    for name, shape in shapes.items():
-        if not any(c in name for c in "*?["):
-            continue
-        matched = fnmatch.filter(inputs, name)
+    for pattern, shape in patterns.items():
+        matched = fnmatch.filter(inputs, pattern)
         if not matched:
-            raise UsageError(f"--input-shape {name}: the pattern matches no input (inputs: {', '.join(inputs)})")
+            raise UsageError(f"--input-shape {pattern}: the pattern matches no input (inputs: {', '.join(inputs)})")
         expanded.update(dict.fromkeys(matched, shape))
-    expanded.update({name: shape for name, shape in shapes.items() if not any(c in name for c in "*?[")})
+    expanded.update({name: shape for name, shape in shapes.items() if name not in patterns})
     return expanded
 
 

@@ -141,11 +141,13 @@ class Bits(Pass):
         # choice for all of them, its weights counted once (on the first), its costs summed
         first_of: dict[str, str] = {}
         owner_of: dict[str, str] = {}
+        members: dict[str, list[gs.Node]] = {}
         for node in nodes:
             matrix, _, _ = layer_matrix(node)
             gram_rows = grams.get(node.inputs[0].name)
             gram = gram_rows[0] if gram_rows is not None and gram_rows[0].shape[0] == matrix.shape[1] else None
             owner = owner_of[node.name] = first_of.setdefault(content_key(matrix), node.name)
+            members.setdefault(owner, []).append(node)
             layer_costs = self._costs(node.name, matrix, gram, ctx)
             if owner == node.name:
                 costs[node.name], shapes[node.name] = layer_costs, matrix.shape
@@ -156,11 +158,10 @@ class Bits(Pass):
         widths = self.widths
         params = {n: shapes[n][0] * shapes[n][1] for n in names}
         storage = self._storage(ctx)
-        members = {n: [node for node in nodes if owner_of[node.name] == n] for n in names}
         stored = {n: [storage.stored_bytes(layer_kind(members[n]), *shapes[n], b) for b in widths] for n in names}
         # every initializer the plan does not cover stays as it is
-        planned = {id(weight_of(node)): weight_of(node) for node in nodes}
-        rest = model.constant_bytes() - sum(constant_nbytes(w) for w in planned.values() if w is not None)
+        planned = {weight.name: weight for weight in map(weight_of, nodes) if weight is not None}
+        rest = model.constant_bytes() - sum(map(constant_nbytes, planned.values()))
         if self.max_mb:
             sizes, budget = [stored[n] for n in names], int(self.max_mb * 1e6) - rest
         else:

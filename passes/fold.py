@@ -137,10 +137,7 @@ class Fold(Pass):
         outputs = [norm.outputs[0].name for norm, _ in producers]
         activations = ctx.capture(model, outputs, allow_synthetic=True)
         if not activations:  # synthetic inputs the model rejects (e.g. an LLM decode graph's)
-            for norm, _ in producers:
-                stats["skipped"][norm.name] = NO_STATISTICS
-            stats["activation_statistics"] = "none"
-            return False
+            return _without_statistics(stats, [norm.name for norm, _ in producers])
         for norm, matched in producers:
             rows = activations[norm.outputs[0].name]
             self._smooth_one(model, norm, rows, stats, matched)
@@ -207,10 +204,7 @@ class Fold(Pass):
             return False
         activations = ctx.capture(model, [m.down.inputs[0].name for m in chosen], allow_synthetic=True)
         if not activations:
-            for mlp in chosen:
-                stats["skipped"][mlp.down.name] = NO_STATISTICS
-            stats["activation_statistics"] = "none"
-            return False
+            return _without_statistics(stats, [mlp.down.name for mlp in chosen])
         for mlp in chosen:
             rows = activations[mlp.down.inputs[0].name]
             act_max = np.abs(rows).max(axis=0).astype(np.float64)
@@ -266,6 +260,14 @@ class Fold(Pass):
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _without_statistics(stats: dict, names: list[str]) -> bool:
+    """Record that ``names`` were not smoothed for want of activation statistics; nothing changed."""
+    for name in names:
+        stats["skipped"][name] = NO_STATISTICS
+    stats["activation_statistics"] = "none"
+    return False
 
 
 def _constant(tensor: gs.Tensor) -> bool:
