@@ -252,7 +252,7 @@ class TvmArtifact:
 
     def __init__(self, folder: Path, manifest: dict[str, Any], device: str = "auto") -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
 
         self.folder = folder
         self.manifest = manifest
@@ -261,7 +261,7 @@ class TvmArtifact:
         self._device, library = self._pick_library(backend, device)
         try:
             module = _load_library(folder / library)
-            self._vm = relax.VirtualMachine(module, self._device)
+            self._vm = VirtualMachine(module, self._device)
             params = np.load(folder / backend["params_file"])
             self._params = [tvm.runtime.tensor(params[name], self._device) for name in backend["params"]]
         except Exception as exc:

@@ -1,26 +1,38 @@
 """The GPU check behind ``benchmarks/gpu_check.sh``: CUDA artifacts built, loaded and run.
 
-1. A small model (the tests' MLP: embedding + three linear layers) at int 4 and 3 bits and
-   bcq (shiftadd) 3-bit column and 2-bit block layouts:
-   compiled with ``--backend tvm --target cuda --arch <this GPU>``, loaded on the GPU,
-   compared with the ONNX Runtime (CPU) reference of the same IR, timed.
-2. all-MiniLM-L6-v2, FP32 (no passes) and ``quant(bits=4)``, batch 8 x seq 64: built,
-   loaded, cosine of mean-pooled embeddings vs ONNX Runtime FP32 (CPU) on real
-   sentences, GPU latency.
-3. The GEMV kernels (``benchmarks/gemv.py --device cuda``: int 4/3/2 and bcq 3/2 in both
-   layouts).
+Every case is an artifact of ``qcompile.compile(..., backend="tvm", target="cuda")`` with its
+inputs and the reference outputs of the same pipeline's IR under ONNX Runtime (CPU):
 
-Prints one table; exits non-zero when an artifact fails to build, load or match.
+1. The tests' MLP (embedding + three linear layers, 2x4 tokens): ``int`` 4 and 3 bits,
+   ``bcq`` (shiftadd) 3-bit column and 2-bit block layouts, and sparse 4-bit layers
+   (2:4: the N:M CUDA kernel; 50% bitmask: decoded to float at load).
+2. One ``1 x 4096 @ 4096 x 4096`` layer (a decode-step GEMV) at int4, int3, bcq3 and
+   2:4-sparse int4, timed with the inputs already on the GPU next to PyTorch's FP32 and FP16
+   ``matmul`` (cuBLAS) of the same shape, when PyTorch with CUDA is there.
+3. One decode step of a tiny Llama (GQA, RMSNorm, SwiGLU, tied embeddings, KV cache at a fixed
+   past length) after ``fold,quant(bits=4)``.
+4. all-MiniLM-L6-v2 ``quant(bits=4)``, batch 8 x 64 tokens: cosine of mean-pooled embeddings
+   vs ONNX Runtime FP32 on real sentences.
 
-    python benchmarks/gpu_check.py --arch sm_90 [--out DIR]
+Two halves, so the GPU machine needs only TVM's runtime (``TVM_USE_RUNTIME_LIB=1``, no
+compiler library, no ONNX Runtime, no model wheels):
+
+    python benchmarks/gpu_check.py --arch sm_90 --prepare DIR   # anywhere with nvcc: build
+    python benchmarks/gpu_check.py --prebuilt DIR               # on the GPU: load, check, time
+
+With neither flag it builds into ``--out`` and runs there (a full TVM on the GPU machine);
+``--gemv`` then adds the GEMV kernel benchmark (``benchmarks/gemv.py --device cuda``). Prints
+one table; exits non-zero when an artifact fails to load or to match.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,105 +42,109 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import gemv  # noqa: E402
-from ort_baselines import cosine_rows, mean_pooled  # noqa: E402
-
 import qcompile  # noqa: E402
-from qcompile.ir import io  # noqa: E402
-from qcompile.ir.runtime import make_session  # noqa: E402
+
+LAYER = 4096
+MLP_SPECS = {
+    "int4": "quant(bits=4,min_size=0)",
+    "int3": "quant(bits=3,min_size=0)",
+    "bcq3 column": "shiftadd(bits=3,min_size=0,outliers=0)",
+    "bcq2 block": "shiftadd(bits=2,layout=block,min_size=0,outliers=0)",
+    "2:4 int4": "prune(pattern=2:4,min_size=0),quant(bits=4,min_size=0)",
+    "50% bitmask int4": "prune(sparsity=0.5,min_size=0),quant(bits=4,min_size=0)",
+}
+LAYER_SPECS = {
+    "int4": "quant(bits=4,min_size=0)",
+    "int3": "quant(bits=3,min_size=0)",
+    "bcq3 column": "shiftadd(bits=3,min_size=0,outliers=0)",
+    "2:4 int4": "prune(pattern=2:4,min_size=0),quant(bits=4,min_size=0)",
+}
 
 
 def progress(message: str) -> None:
     print(f"[gpu_check] {message}", flush=True)
 
 
-def gpu_ms(artifact, feeds: dict[str, np.ndarray], repeats: int = 30) -> float:
-    """Median wall time of ``artifact.run`` (inputs copied in, outputs copied out: synchronous)."""
-    for _ in range(3):
-        artifact.run(feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        artifact.run(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+# ---------------------------------------------------------------------------------------------
+# building (needs the TVM compiler, nvcc, ONNX Runtime; no GPU)
+# ---------------------------------------------------------------------------------------------
+
+def _reference(dump: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The outputs of the pipeline's last IR (the dump's last file) under ONNX Runtime."""
+    from qcompile.ir import io
+    from qcompile.ir.runtime import make_session
+
+    model = io.load(sorted(dump.glob("0*.onnx"))[-1])
+    session = make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
 
 
-def small_model(arch: str, out: Path, rows: list[tuple], build_only: bool = False) -> bool:
-    from conftest import mlp_feeds, mlp_model
-
-    ok = True
-    specs = {"int4": "quant(bits=4,min_size=0)", "int3": "quant(bits=3,min_size=0)",
-             "bcq3 column": "shiftadd(bits=3,min_size=0,outliers=0)",
-             "bcq2 block": "shiftadd(bits=2,layout=block,min_size=0,outliers=0)"}
-    for name, spec in specs.items():
-        slug = name.replace(" ", "_")
-        progress(f"small model {name}: build for {arch}")
+def _case(folder: Path, cases: list[dict], name: str, shape: str, model, spec: str, feeds: dict,
+          calib: dict, input_shapes, arch: str, **extra) -> None:
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    progress(f"build {name}: {spec}")
+    with tempfile.TemporaryDirectory() as dump:
         started = time.perf_counter()
-        result = qcompile.compile(mlp_model(), passes=spec, backend="tvm", target="cuda", arch=arch,
-                                  input_shapes={"ids": (2, 4)}, calib={"ids": mlp_feeds(8, seed=7)["ids"]},
-                                  output=out / f"mlp_{slug}", dump_dir=out / f"mlp_{slug}_dump")
+        result = qcompile.compile(model, passes=spec, backend="tvm", target="cuda", arch=arch, calib=calib,
+                                  input_shapes=input_shapes, output=folder / slug, dump_dir=dump)
         seconds = time.perf_counter() - started
-        if build_only:
-            rows.append((f"MLP {name} (tvm cuda)", "2x4", f"{seconds:.0f}", "built, not run", "-"))
-            continue
-        artifact = qcompile.load(result.path)
-        feeds = mlp_feeds(2)
-        got = artifact.run(feeds)["y"]
-        ir_model = io.load(sorted((out / f"mlp_{slug}_dump").glob("0*.onnx"))[-1])
-        want = make_session(ir_model).run(None, feeds)[0]
-        error = float(np.abs(got - want).max() / np.abs(want).max())
-        ok &= error < 1e-3
-        rows.append((f"MLP {name} (tvm cuda)", "2x4", f"{seconds:.0f}", f"max rel err vs IR {error:.1e}",
-                     f"{gpu_ms(artifact, feeds):.3f}"))
-    return ok
+        reference = _reference(Path(dump), feeds)
+    np.savez(folder / f"{slug}.feeds.npz", **feeds)
+    np.savez(folder / f"{slug}.reference.npz", **reference)
+    kernels = sorted({layer.get("kernel", "") for layer in result.manifest.get("layers", {}).values()} - {""})
+    cases.append({"name": name, "shape": shape, "artifact": slug, "build_s": round(seconds),
+                  "mb": result.manifest["sizes"]["artifact_bytes"] / 1e6, "kernels": kernels, **extra})
 
 
-def minilm(arch: str, out: Path, rows: list[tuple], build_only: bool = False) -> bool:
+def _layer_model(rows: int, cols: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = (np.random.default_rng(3).standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")], "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _tiny_llama_decode(home: Path) -> tuple[Path, dict, dict]:
+    """The tests' tiny Llama (randomly initialised) exported as a decode graph, with one step's
+    inputs at a fixed past length and calibration inputs."""
+    import torch
+    import transformers
+    from test_llm import HEAD_DIM, KV_HEADS, LAYERS, VOCAB
+
+    from qcompile.frontends.llm import cached_causal_lm_onnx
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+                                      tie_word_embeddings=True, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(home / "tiny-llama")
+    decode = cached_causal_lm_onnx(home / "tiny-llama", "decode", cache_dir=home / "cache")
+    past = 5
+    rng = np.random.default_rng(2)
+    feeds = {"input_ids": np.array([[11]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((1, KV_HEADS, past, HEAD_DIM)).astype(np.float32)
+    calib = {name: np.concatenate([value, value]) for name, value in feeds.items()}
+    return decode, feeds, calib
+
+
+def _minilm(folder: Path, cases: list[dict], arch: str) -> None:
+    """MiniLM ``quant(bits=4)`` at 8 x 64 with 64 real sentences and their ORT FP32 embeddings."""
+    from ort_baselines import mean_pooled
+
     from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize
     from qcompile.frontends.text import english_sentences
+    from qcompile.ir import io
+    from qcompile.ir.runtime import make_session
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    fp32 = cached_minilm_onnx()
-    folder = minilm_path()
-    evals = tokenize(folder, english_sentences(64, "eval"), max_length=64)
-    calib = tokenize(folder, english_sentences(32, "calib"), max_length=64)
-    shapes = {name: (8, 64) for name in evals}
-    reference_session = make_session(io.load(fp32))
-
-    def embeddings(run) -> np.ndarray:
-        chunks = []
-        for start in range(0, len(evals["input_ids"]), 8):
-            part = {k: v[start:start + 8] for k, v in evals.items()}
-            chunks.append(mean_pooled(run(part), part["attention_mask"]))
-        return np.concatenate(chunks)
-
-    reference = embeddings(lambda part: reference_session.run(None, part)[0])
-    ok = True
-    for label, spec in (("MiniLM FP32", "fold(smooth=false)"), ("MiniLM quant(bits=4)", "quant(bits=4)")):
-        progress(f"{label}: build for {arch}")
-        started = time.perf_counter()
-        result = qcompile.compile(fp32, passes=spec, calib=calib, backend="tvm", target="cuda", arch=arch,
-                                  input_shapes=shapes, output=out / label.replace(" ", "_").replace("=", ""))
-        seconds = time.perf_counter() - started
-        megabytes = result.manifest["sizes"]["artifact_bytes"] / 1e6
-        if build_only:
-            rows.append((f"{label} (tvm cuda, {megabytes:.0f} MB)", "8x64", f"{seconds:.0f}", "built, not run", "-"))
-            continue
-        artifact = qcompile.load(result.path)
-        cosine = cosine_rows(embeddings(lambda part, a=artifact: a.run(part)["last_hidden_state"]), reference)
-        ok &= bool(cosine.mean() > (0.999 if spec.startswith("fold") else 0.95))
-        rows.append((f"{label} (tvm cuda, {megabytes:.0f} MB)", "8x64", f"{seconds:.0f}",
-                     f"mean cosine vs ORT FP32 {cosine.mean():.4f}", f"{gpu_ms(artifact, {k: v[:8] for k, v in evals.items()}):.3f}"))
-    return ok
-
-
-def prepare_minilm(arch: str, folder: Path) -> None:
-    """Build the MiniLM quant(bits=4) CUDA artifact here, with the evaluation inputs and the
-    ONNX Runtime FP32 reference embeddings, for a GPU machine without the model or its wheel."""
-    from qcompile.frontends.hf import cached_minilm_onnx, minilm_path, tokenize
-    from qcompile.frontends.text import english_sentences
-
     fp32 = cached_minilm_onnx()
     evals = tokenize(minilm_path(), english_sentences(64, "eval"), max_length=64)
     calib = tokenize(minilm_path(), english_sentences(32, "calib"), max_length=64)
@@ -136,66 +152,177 @@ def prepare_minilm(arch: str, folder: Path) -> None:
     reference = np.concatenate([
         mean_pooled(session.run(None, {k: v[i:i + 8] for k, v in evals.items()})[0], evals["attention_mask"][i:i + 8])
         for i in range(0, 64, 8)])
+    progress("build MiniLM quant(bits=4)")
+    started = time.perf_counter()
+    result = qcompile.compile(fp32, passes="quant(bits=4)", calib=calib, backend="tvm", target="cuda", arch=arch,
+                              input_shapes={name: (8, 64) for name in evals}, output=folder / "minilm")
+    np.savez(folder / "minilm.feeds.npz", **evals)
+    np.savez(folder / "minilm.reference.npz", pooled=reference)
+    cases.append({"name": "MiniLM quant(bits=4)", "shape": "8x64", "artifact": "minilm",
+                  "build_s": round(time.perf_counter() - started),
+                  "mb": result.manifest["sizes"]["artifact_bytes"] / 1e6, "kernels": [], "check": "pooled"})
+
+
+def prepare(arch: str, folder: Path, minilm: bool = True) -> None:
+    from conftest import mlp_feeds, mlp_model
+
     folder.mkdir(parents=True, exist_ok=True)
-    qcompile.compile(fp32, passes="quant(bits=4)", calib=calib, backend="tvm", target="cuda", arch=arch,
-                     input_shapes={name: (8, 64) for name in evals}, output=folder / "artifact")
-    np.savez(folder / "reference.npz", reference=reference, **evals)
+    cases: list[dict] = []
+    for name, spec in MLP_SPECS.items():
+        _case(folder, cases, f"MLP {name}", "2x4", mlp_model(), spec, mlp_feeds(2),
+              {"ids": mlp_feeds(8, seed=7)["ids"]}, {"ids": (2, 4)}, arch)
+    x = np.random.default_rng(5).standard_normal((1, LAYER)).astype(np.float32)
+    calib = {"x": np.random.default_rng(6).standard_normal((64, LAYER)).astype(np.float32)}
+    for name, spec in LAYER_SPECS.items():
+        _case(folder, cases, f"layer {name}", f"1x{LAYER}x{LAYER}", _layer_model(LAYER, LAYER), spec, {"x": x},
+              calib, {"x": (1, LAYER)}, arch, gemv=[LAYER, LAYER])
+    with tempfile.TemporaryDirectory() as home:
+        decode, feeds, calib = _tiny_llama_decode(Path(home))
+        shapes = [f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items()]
+        _case(folder, cases, "tiny Llama decode step fold,quant(bits=4)", "1 token, past 5", str(decode),
+              "fold,quant(bits=4,min_size=0)", feeds, calib, shapes, arch)
+    if minilm:
+        _minilm(folder, cases, arch)
+    (folder / "cases.json").write_text(json.dumps({"arch": arch, "cases": cases}, indent=1))
+    megabytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    progress(f"{len(cases)} cases in {folder} ({megabytes:.1f} MB)")
 
 
-def prebuilt_minilm(folder: Path, rows: list[tuple]) -> bool:
-    """Load and run the artifact :func:`prepare_minilm` built elsewhere."""
-    data = np.load(folder / "reference.npz")
-    evals = {name: data[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in data}
-    artifact = qcompile.load(folder / "artifact")
-    chunks = []
-    for start in range(0, len(evals["input_ids"]), 8):
-        part = {k: v[start:start + 8] for k, v in evals.items()}
-        chunks.append(mean_pooled(artifact.run(part)["last_hidden_state"], part["attention_mask"]))
-    cosine = cosine_rows(np.concatenate(chunks), data["reference"])
-    megabytes = sum(p.stat().st_size for p in (folder / "artifact").iterdir()) / 1e6
-    rows.append((f"MiniLM quant(bits=4) (tvm cuda, built elsewhere, {megabytes:.0f} MB)", "8x64", "-",
-                 f"mean cosine vs ORT FP32 {cosine.mean():.4f}",
-                 f"{gpu_ms(artifact, {k: v[:8] for k, v in evals.items()}):.3f}"))
-    return bool(cosine.mean() > 0.95)
+# ---------------------------------------------------------------------------------------------
+# running (needs a CUDA GPU and TVM's runtime only)
+# ---------------------------------------------------------------------------------------------
+
+def device_ms(artifact, feeds: dict[str, np.ndarray], repeat: int = 7) -> float:
+    """Median ms of the artifact's ``main`` with its inputs already on the GPU (no copies)."""
+    import tvm
+
+    device = artifact._device
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[name].astype(artifact._dtypes.get(name, feeds[name].dtype))),
+                               device) for name in artifact.input_names]
+    timer = artifact._vm.time_evaluator("main", device, number=50, repeat=repeat)
+    return float(statistics.median(timer(*args, *artifact._params).results) * 1e3)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", required=True, help="this GPU's compute capability, e.g. sm_90")
-    parser.add_argument("--out", default="out/gpu-check")
-    parser.add_argument("--skip-minilm", action="store_true")
-    parser.add_argument("--build-only", action="store_true", help="no GPU here: build the artifacts only")
-    parser.add_argument("--prepare-minilm", metavar="DIR",
-                        help="build the MiniLM 4-bit CUDA artifact and its reference into DIR, then stop")
-    parser.add_argument("--minilm-prebuilt", metavar="DIR", help="run the artifact --prepare-minilm built")
-    args = parser.parse_args(argv)
-    if args.prepare_minilm:
-        prepare_minilm(args.arch, Path(args.prepare_minilm))
-        return 0
-    out = Path(args.out)
+def torch_matmul_ms(rows: int, cols: int) -> dict[str, float]:
+    """cuBLAS FP32 and FP16 ``1 x rows @ rows x cols`` through PyTorch (CUDA events), if present."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    timings = {}
+    for label, dtype in (("FP32", torch.float32), ("FP16", torch.float16)):
+        x = torch.randn(1, rows, device="cuda", dtype=dtype)
+        w = torch.randn(rows, cols, device="cuda", dtype=dtype)
+        for _ in range(20):
+            x @ w
+        samples = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                x @ w
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 50)
+        timings[label] = float(statistics.median(samples))
+    return timings
+
+
+def run_prebuilt(folder: Path) -> tuple[list[tuple], bool]:
+    from ort_baselines import cosine_rows, mean_pooled
+
+    spec = json.loads((folder / "cases.json").read_text())
     rows: list[tuple] = []
-    ok = small_model(args.arch, out, rows, args.build_only)
-    if args.minilm_prebuilt:
-        ok &= prebuilt_minilm(Path(args.minilm_prebuilt), rows)
-    elif not args.skip_minilm:
-        ok &= minilm(args.arch, out, rows, args.build_only)
-    if not args.build_only:
-        progress("GEMV kernels on the GPU")
-    gemv_rows = []
-    for spec in ("4096x4096", "4096x11008") if not args.build_only else ():
+    ok = True
+    baselines: dict[tuple, dict[str, float]] = {}
+    for case in spec["cases"]:
+        name = case["name"]
+        progress(f"run {name}")
+        feeds = dict(np.load(folder / f"{case['artifact']}.feeds.npz"))
+        reference = dict(np.load(folder / f"{case['artifact']}.reference.npz"))
+        try:
+            artifact = qcompile.load(folder / case["artifact"])
+            if case.get("check") == "pooled":
+                chunks = []
+                for start in range(0, len(feeds["input_ids"]), 8):
+                    part = {k: v[start:start + 8] for k, v in feeds.items()}
+                    chunks.append(mean_pooled(artifact.run(part)["last_hidden_state"], part["attention_mask"]))
+                cosine = float(cosine_rows(np.concatenate(chunks), reference["pooled"]).mean())
+                good, check = cosine > 0.95, f"mean cosine vs ORT FP32 {cosine:.4f}"
+                feeds = {k: v[:8] for k, v in feeds.items()}
+            else:
+                outputs = artifact.run(feeds)
+                error = max(float(np.abs(outputs[k] - v).max() / max(np.abs(v).max(), 1e-12))
+                            for k, v in reference.items())
+                good, check = error < 1e-3, f"max rel err vs IR {error:.1e}"
+            ms = device_ms(artifact, feeds)
+        except Exception as exc:  # one failing case must not hide the others
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            rows.append((name, case["shape"], f"{case['mb']:.1f}", f"FAILED: {first}", "-"))
+            ok = False
+            continue
+        ok &= good
+        if "gemv" in case:
+            shape = tuple(case["gemv"])
+            if shape not in baselines:
+                baselines[shape] = torch_matmul_ms(*shape)
+            check += "".join(f", {ms_ref / ms:.2f}x cuBLAS {label}" for label, ms_ref in baselines[shape].items())
+        rows.append((name, case["shape"], f"{case['mb']:.1f}", check, f"{ms:.4f}"))
+    for shape, timings in baselines.items():
+        for label, ms in timings.items():
+            rows.append((f"PyTorch {label} matmul (cuBLAS)", f"1x{shape[0]}x{shape[1]}",
+                         f"{shape[0] * shape[1] * (4 if label == 'FP32' else 2) / 1e6:.1f}", "baseline", f"{ms:.4f}"))
+    return rows, ok
+
+
+def gemv_rows() -> list[tuple]:
+    import gemv
+
+    progress("GEMV kernels on the GPU")
+    rows = []
+    for spec in ("4096x4096", "4096x11008"):
         cols, n = (int(v) for v in spec.split("x"))
-        gemv_rows += gemv.bench_shape(cols, n, "cuda", 3, np.random.default_rng(0))
-    for shape, label, mb, ms, speedup, _ideal, distance in gemv_rows:
-        rows.append((f"GEMV {label}", shape, "-", f"{mb:.1f} MB read, {speedup:.2f}x FP32, {distance:.2f}x ideal",
-                     f"{ms:.4f}"))
-    width = [max(len(str(r[i])) for r in rows + [("what", "shape", "build s", "check", "GPU ms")]) for i in range(5)]
-    header = ("what", "shape", "build s", "check", "GPU ms")
+        for shape, label, mb, ms, speedup, _ideal, distance in gemv.bench_shape(cols, n, "cuda", 3,
+                                                                                np.random.default_rng(0)):
+            rows.append((f"GEMV {label}", shape, f"{mb:.1f}", f"{speedup:.2f}x FP32, {distance:.2f}x ideal",
+                         f"{ms:.4f}"))
+    return rows
+
+
+def print_table(rows: list[tuple], ok: bool) -> None:
+    header = ("what", "shape", "MB", "check", "GPU ms")
+    width = [max(len(str(r[i])) for r in [*rows, header]) for i in range(5)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, width, strict=True)))
     print("  ".join("-" * w for w in width))
     for row in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, width, strict=True)))
     print("RESULT:", "PASS" if ok else "FAIL")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", help="the GPU's compute capability, e.g. sm_90 (to build)")
+    parser.add_argument("--out", default="out/gpu-check", help="build-and-run folder (neither mode flag)")
+    parser.add_argument("--prepare", metavar="DIR", help="build every case into DIR, then stop")
+    parser.add_argument("--prebuilt", metavar="DIR", help="run the cases --prepare built")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--gemv", action="store_true", help="also the GEMV kernel benchmark (needs the compiler)")
+    args = parser.parse_args(argv)
+    if not args.prebuilt and not args.arch:
+        parser.error("--arch is needed to build (e.g. --arch sm_90)")
+    if args.prepare:
+        prepare(args.arch, Path(args.prepare), minilm=not args.skip_minilm)
+        return 0
+    folder = Path(args.prebuilt or args.out)
+    if not args.prebuilt:
+        prepare(args.arch, folder, minilm=not args.skip_minilm)
+    rows, ok = run_prebuilt(folder)
+    if args.gemv:
+        rows += gemv_rows()
+    print_table(rows, ok)
     return 0 if ok else 1
 
 

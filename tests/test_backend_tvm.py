@@ -121,6 +121,28 @@ def test_an_artifact_rebuilt_in_the_same_folder_runs_the_new_build(tmp_path):
     assert not np.allclose(outputs[0], outputs[1])
 
 
+def test_an_artifact_runs_with_tvm_runtime_only(tmp_path):
+    """A deployment needs TVM's runtime library, not its 260 MB compiler (TVM_USE_RUNTIME_LIB=1
+    loads only libtvm_runtime; `tvm.relax` cannot be imported then)."""
+    import os
+    import subprocess
+    import sys
+
+    result = qcompile.compile(mlp_model(), passes="quant(bits=4,min_size=0)", backend="tvm",
+                              input_shapes={"ids": (2, 4)}, output=tmp_path / "out")
+    np.save(tmp_path / "ids.npy", mlp_feeds(2)["ids"])
+    script = (
+        "import sys, numpy as np, tvm.base, qcompile\n"
+        "assert tvm.base._RUNTIME_ONLY and 'tvm_compiler' not in tvm.base._LOADED_LIBS\n"
+        f"y = qcompile.load({str(result.path)!r}).run({{'ids': np.load({str(tmp_path / 'ids.npy')!r})}})['y']\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = qcompile.load(result.path).run(mlp_feeds(2))["y"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+
+
 @needs_nvcc
 def test_cuda_build_without_gpu(tmp_path):
     result, _ = _compile(tmp_path, mlp_model(), "quant(bits=3,min_size=0)", {"ids": (1, 4)}, target="cuda",
