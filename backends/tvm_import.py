@@ -72,9 +72,13 @@ class _Layer:
     # of the dense bcq part (``weight``)
     corrections: tuple[np.ndarray, np.ndarray] | None = None
     decoded: np.ndarray | None = None  # a bitmask weight on GPUs: float32 [cols, rows] (no kernel there)
+    # a QGather of a table tied to a QMatMul: the node whose kernel arrays it reads (it stores none)
+    reads: str | None = None
 
     def kernel_arrays(self) -> list[np.ndarray]:
         """What the kernel takes (and the artifact stores): the format's arrays, re-laid out."""
+        if self.reads is not None:
+            return []
         return [*self._dense_arrays(), *(self.corrections or ())]
 
     def _dense_arrays(self) -> list[np.ndarray]:
@@ -137,7 +141,23 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
             elif weight.bits == 3:
                 gpu_arrays = [*kernels.split3_planes(weight), weight.scales, weight.zero_points]
         layers[node.name] = _Layer(node.name, node.op, fmt, weight, names, layout, gpu_arrays, corrections)
+    _share_tied_tables(layers)
     return layers
+
+
+def _share_tied_tables(layers: dict[str, _Layer]) -> None:
+    """A QGather reading the same stored weight as a dense ``int`` QMatMul (a tied embedding / LM
+    head) reads that layer's kernel arrays: in its CPU layout (``qgather_layout_te``) or, on GPUs,
+    the packed arrays both kernels take as stored. Without this the artifact held the table twice
+    (SmolLM2: 15 MB of a 90 MB build)."""
+    matmuls = {tuple(layer.param_names): layer for layer in layers.values()
+               if layer.op == "QMatMul" and layer.format == "int" and layer.corrections is None
+               and layer.decoded is None and layer.gpu_arrays is None
+               and (layer.layout is None or isinstance(layer.layout, kernels.CpuLayout))}
+    for layer in layers.values():
+        source = matmuls.get(tuple(layer.param_names))
+        if layer.op == "QGather" and layer.format == "int" and source is not None:
+            layer.reads, layer.layout = source.node_name, source.layout
 
 
 def _sparse_layer(node: gs.Node, cpu: bool, row_gemv: bool) -> _Layer:
@@ -227,7 +247,8 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
     # -- lowering -----------------------------------------------------------------
 
     def _vars(self, layer: _Layer) -> list[relax.Var]:
-        return [self._weight_vars[(layer.node_name, index)] for index in range(self._array_counts[layer.node_name])]
+        owner = layer.reads or layer.node_name
+        return [self._weight_vars[(owner, index)] for index in range(self._array_counts[owner])]
 
     def _check_input(self, layer: _Layer, x: relax.Expr) -> None:
         if not _static(x):
@@ -413,10 +434,17 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
                 self.kernel_names[layer.node_name] += " + sparse corrections"
             return relax.op.reshape(result, [*shape, weight.cols])
         packed, scales, zero_points = self._vars(layer)
-        result = self.bb.normalize(self.bb.call_te(
-            kernels.qgather_te, packed, flat, scales, zero_points, weight.bits, weight.group_size, weight.cols,
-            primfunc_name_hint=f"qgather{weight.bits}"))
+        if isinstance(layer.layout, kernels.CpuLayout):
+            result = self.bb.normalize(self.bb.call_te(
+                kernels.qgather_layout_te, packed, flat, scales, zero_points, layer.layout.kind, layer.layout.lanes,
+                weight.rows, weight.bits, weight.group_size, weight.cols, primfunc_name_hint=f"qgather{weight.bits}"))
+        else:
+            result = self.bb.normalize(self.bb.call_te(
+                kernels.qgather_te, packed, flat, scales, zero_points, weight.bits, weight.group_size, weight.cols,
+                primfunc_name_hint=f"qgather{weight.bits}"))
         self.kernel_names[layer.node_name] = f"tvm decode-fused gather int{weight.bits}"
+        if layer.reads:
+            self.kernel_names[layer.node_name] += f" (reads {layer.reads}'s arrays: tied table stored once)"
         return relax.op.reshape(result, [*shape, weight.cols])
 
     def _qconv(self, layer: _Layer, inputs, attrs, opset) -> relax.Expr:

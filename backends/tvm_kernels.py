@@ -465,6 +465,45 @@ def qgather_te(packed, indices, scales, zero_points, bits: int, group_size: int,
     return te.compute((indices.shape[0], cols), value, name="qgather")
 
 
+def qgather_layout_te(packed, indices, scales, zero_points, kind: str, lanes: int, vocab: int, bits: int,
+                      group_size: int, cols: int):
+    """:func:`qgather_te` reading a :class:`CpuLayout` (``float`` or ``vnni``) in place: the rows of
+    a table tied to an LM head are decoded from the GEMV kernel's arrays, so the artifact holds
+    the table once. Row ``r``'s byte ``b`` sits at ``[r / lanes, b, r % lanes]`` (``float``) or
+    ``[r / 16, b / 4, r % 16, b % 4]`` (``vnni``; 3 bits there: the 2-bit plane's words, then
+    the 1-bit plane's, see :func:`vnni_layout`); scales and zero points at ``[r / lanes, g, r % lanes]``."""
+
+    def byte(row, b):
+        if kind == "vnni":
+            return packed[row // 16, b // 4, row % 16, b % 4].astype("int32")
+        return packed[row // lanes, b, row % lanes].astype("int32")
+
+    def value(i, d):
+        index = indices[i].astype("int64")
+        row = tirx.Select(index < 0, index + vocab, index)
+        if kind == "vnni" and bits == 3:
+            low_words = packed.shape[1] * 2 // 3  # 2-bit plane: 2 of every 3 bits
+            low = (byte(row, d // 4) >> ((d % 4) * 2)) & 3
+            high = (byte(row, low_words * 4 + d // 8) >> (d % 8)) & 1
+            code = low | (high << 2)
+        else:
+            mask = (1 << bits) - 1
+            run, bit = d // 8, (d % 8) * bits
+            low = byte(row, run * bits + bit // 8)
+            if bits in (2, 4, 8):
+                code = (low >> (bit % 8)) & mask
+            else:
+                high = byte(row, run * bits + tirx.min(bit // 8 + 1, bits - 1))
+                code = ((low | (high << 8)) >> (bit % 8)) & mask
+        group = d // group_size
+        step = 16 if kind == "vnni" else lanes
+        scale = scales[row // step, group, row % step].astype("float32")
+        zero = zero_points[row // step, group, row % step].astype("float32")
+        return (code.astype("float32") - zero) * scale
+
+    return te.compute((indices.shape[0], cols), value, name="qgather")
+
+
 def dequantize_te(packed, scales, zero_points, bits: int, group_size: int, cols: int):
     """The float matrix ``[rows, cols]`` (QConv's filter, decoded once per call)."""
     return te.compute((packed.shape[0], cols),

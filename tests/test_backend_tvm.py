@@ -397,3 +397,51 @@ def test_gpu_gemv_rule_applies(fmt):
     with target:
         scheduled = dl.gpu.GEMV().apply(func, target, False)
     assert scheduled is not None
+
+
+def _tied_model(vocab: int, hidden: int = 64) -> onnx.ModelProto:
+    """ids -> Gather(table) -> Relu -> MatMul(table^T): an embedding tied to its LM head
+    (the gathered rows are an output too)."""
+    table = np.random.default_rng(4).standard_normal((vocab, hidden)).astype(np.float32)
+    return make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("Relu", ["e"], ["h"], name="act"),
+         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="head")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4, hidden]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, vocab])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.ascontiguousarray(table.T), "table_t")])
+
+
+@pytest.mark.parametrize("vocab, bits, accuracy_level, target, layout", [
+    (256, 4, 4, "cpu", "int8 activations"),  # the VNNI word-major layout where AVX-512 VNNI is there
+    (256, 3, 4, "cpu", "int8 activations"),  # ... 3 bits: the 2-bit plane, then the 1-bit plane
+    (200, 4, 0, "cpu", "8 lanes"),           # float activations: [rows / lanes, bytes, lanes]
+    (200, 3, 0, "cpu", "8 lanes"),           # ... codes straddling bytes
+    pytest.param(256, 4, 0, "cuda", "dlight", marks=needs_nvcc),  # the packed arrays as stored
+])
+def test_a_tied_table_is_stored_once(tmp_path, vocab, bits, accuracy_level, target, layout):
+    """The gather decodes its rows from the LM head's kernel arrays (SmolLM2: 15 MB saved)."""
+    from qcompile.backends import tvm_kernels
+
+    spec = f"quant(bits={bits},group_size=32,min_size=0,embedding_bits={bits})"
+    result, ir_model = _compile(tmp_path, _tied_model(vocab), spec, {"ids": (1, 4)}, target=target,
+                                accuracy_level=accuracy_level, calib={"ids": np.arange(16).reshape(4, 4)})
+    kernels = result.manifest["layers"]
+    assert "tied table stored once" in kernels["embed"]["kernel"]
+    if target == "cpu" and not (accuracy_level == 4 and not tvm_kernels.vnni_eligible(
+            qcompile.ir.qops.read_weight(next(n for n in ir_model.quantized_nodes() if n.op == "QMatMul")))):
+        assert layout in kernels["head"]["kernel"]
+    params = np.load(result.path / "params.npz")
+    packed = [params[name] for name in params.files if params[name].dtype == np.uint8 and params[name].size >= vocab * 8]
+    assert sum(a.nbytes for a in packed) == vocab * 64 * bits // 8  # one copy of the codes
+    if target == "cuda":
+        return
+    ids = np.array([[0, 5, vocab - 1, -1]], np.int64)
+    got = qcompile.load(result.path).run({"ids": ids})
+    want = _reference(ir_model, {"ids": ids})
+    np.testing.assert_allclose(got["e"], want["e"], rtol=1e-6, atol=1e-6)  # the rows decoded exactly
+    tolerance = 1e-2 if accuracy_level == 4 else 1e-4  # int8 activations in the head's GEMV
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=tolerance,
+                               atol=tolerance * np.abs(want["logits"]).max())
+
