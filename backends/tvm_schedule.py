@@ -12,6 +12,9 @@ would ship as the unscheduled default (one thread, scalar loops, reduction over 
   elementwise epilogues (bias, scale, GELU) are inlined into the tile's write-back. When
   ``B`` is read transposed (``B[.., j, k]``) it is first copied into ``[k, j]`` order by
   its own parallel block.
+* :class:`CpuRowReduction`: one row's reductions over the last axis followed by an
+  elementwise epilogue (a decode step's normalizations, softmax): each reduction computed
+  once (dlight's ``cpu.Reduction`` recomputed it per output element there).
 * :class:`CpuFallback`: every other block gets its outer spatial loops fused and run
   in parallel and its innermost spatial loop vectorized when that is contiguous.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -33,6 +37,7 @@ from tvm.target import Target
 log = logging.getLogger(__name__)
 
 VECTOR = 16  # float32 lanes of one AVX-512 register
+PARALLEL_MIN_ITERATIONS = 32768  # smaller elementwise / row loop nests run on the calling thread
 ROW_TILE = 4
 DIRECT = "direct"
 
@@ -156,10 +161,23 @@ def _matmul_role(sch: s_tir.Schedule, block) -> str | int | None:
     return None
 
 
+def _worth_threads(sch: s_tir.Schedule, loops) -> bool:
+    """Whether a loop nest is big enough for the thread pool: waking the workers costs more
+    than a small elementwise op itself (a decode step runs ~1000 of them on one token)."""
+    total = 1
+    for loop in loops:
+        extent = _loop_extent(sch, loop)
+        if extent is None:
+            return True
+        total *= extent
+    return total >= PARALLEL_MIN_ITERATIONS
+
+
 def _parallel_vectorize(sch: s_tir.Schedule, block) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    threads = _worth_threads(sch, loops)
     inner_extent = _loop_extent(sch, loops[-1])
     width = _vector_split(inner_extent) if len(loops) > 1 or (inner_extent or 0) > 64 else 1
     if any(str(region.source.dtype) == "bool" for region in [*sch.get(block).reads, *sch.get(block).writes]):
@@ -170,6 +188,8 @@ def _parallel_vectorize(sch: s_tir.Schedule, block) -> None:
         loops = [*loops[:-1], outer]
     else:
         loops = list(loops)
+    if not threads:
+        return
     if len(loops) > 1:
         fused = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.parallel(fused)
@@ -187,6 +207,64 @@ def _innermost_is_contiguous(sch: s_tir.Schedule, block, loop) -> bool:
     return isinstance(write, tirx.Var) and write.same_as(last_iter)
 
 
+class CpuRowReduction(_Guarded):
+    """A single row's reductions with an elementwise epilogue (LayerNorm, RMSNorm, softmax of
+    one token): each reduction once, then the epilogue vectorized.
+
+    With one row the epilogue's only loop runs over the reduced axis, and dlight's
+    ``cpu.Reduction`` puts the reduction inside it: each of the ``D`` outputs recomputed the
+    whole ``D``-wide sum, ``D^2`` work (SmolLM2's 61 RMSNorms were two thirds of a decode
+    step's kernel time). Several rows keep dlight's schedule, which measured as fast or
+    faster there (softmax)."""
+
+    def schedule(self, func: tirx.PrimFunc):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        reductions = [info for info in infos if not info.is_injective()]
+        if not reductions:
+            return None
+        last = infos[-1]
+        out_shape = [_extent(d) for d in sch.get(last.block_rv).writes[0].source.shape]
+        if None in out_shape or int(np.prod(out_shape[:-1], dtype=np.int64)) != 1:
+            return None
+        for info in reductions:  # reduced over the last axis only, one value
+            kind = info.dom_kind()
+            if kind != "S" * (len(kind) - 1) + "R":
+                return None
+            if int(np.prod([_extent(d) or 0 for d in sch.get(info.block_rv).writes[0].source.shape])) != 1:
+                return None
+        reduction_blocks = [sch.get(info.block_rv) for info in reductions]
+        for info in infos[:-1]:  # elementwise steps inlined where read, unless a reduction reads them
+            consumers = [sch.get(b) for b in sch.get_consumers(info.block_rv)]
+            if info.is_injective() and not any(c.same_as(r) for c in consumers for r in reduction_blocks):
+                try:
+                    sch.compute_inline(info.block_rv)
+                except s_tir.ScheduleError:
+                    pass
+        for block in sch.get_child_blocks(sch.get_sblock("root")):  # what was not inlined
+            if not _same(sch, block, last.block_rv) and not any(sch.get(block).same_as(r) for r in reduction_blocks):
+                _vectorize_inner(sch, block)
+        loops = sch.get_loops(last.block_rv)
+        if len(loops) != 1 or _loop_extent(sch, loops[0]) != out_shape[-1]:
+            return None
+        _vectorize_inner(sch, last.block_rv)
+        return sch
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    width = _vector_split(_loop_extent(sch, loops[-1]))
+    if width > 1 and _innermost_is_contiguous(sch, block, loops[-1]):
+        _, inner = sch.split(loops[-1], [None, width])
+        sch.vectorize(inner)
+
+
+def _same(sch: s_tir.Schedule, a, b) -> bool:
+    return sch.get(a).same_as(sch.get(b))
+
+
 class CpuFallback(_Guarded):
     """Parallel outer loops and a vectorized contiguous inner loop for every block."""
 
@@ -201,7 +279,7 @@ class CpuFallback(_Guarded):
             else:
                 loops = sch.get_loops(info.block_rv)
                 spatial = [loop for loop, kind in zip(loops, info.dom_kind(), strict=False) if kind == "S"]
-                if spatial and len(spatial) == len(loops) - info.dom_kind().count("R"):
+                if spatial and len(spatial) == len(loops) - info.dom_kind().count("R") and _worth_threads(sch, loops):
                     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
                     sch.parallel(fused)
         return sch
@@ -220,7 +298,7 @@ class CpuParallel(_Guarded):
 
 
 def cpu_rules() -> list[ScheduleRule]:
-    return [CpuMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CpuFallback(), CpuParallel()]
+    return [CpuMatmul(), dl.cpu.GEMV(), CpuRowReduction(), dl.cpu.Reduction(), CpuFallback(), CpuParallel()]
 
 
 class Skipping(ScheduleRule):

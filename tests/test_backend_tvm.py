@@ -445,3 +445,43 @@ def test_a_tied_table_is_stored_once(tmp_path, vocab, bits, accuracy_level, targ
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=tolerance,
                                atol=tolerance * np.abs(want["logits"]).max())
 
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "softmax", "layernorm"])
+def test_one_row_reductions_are_computed_once(tmp_path, kind):
+    """A decode step's normalizations and softmax have one row: no loop nest may run the
+    reduction once per output element (dlight's cpu.Reduction did: D^2 work per row)."""
+    import tvm
+
+    width = 576
+    row = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, width])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, width])
+    constants = [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                 numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+                 numpy_helper.from_array(np.linspace(0.5, 1.5, width).astype(np.float32), "g"),
+                 numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+    nodes = {
+        "rmsnorm": [helper.make_node("Mul", ["x", "x"], ["p"]),
+                    helper.make_node("ReduceMean", ["p", "axes"], ["m"], keepdims=1),
+                    helper.make_node("Add", ["m", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+                    helper.make_node("Div", ["x", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["y"])],
+        "softmax": [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        "layernorm": [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)],
+    }[kind]
+    used = {name for node in nodes for name in node.input}
+    proto = make_model(nodes, [row], [out], [c for c in constants if c.name in used], opset=18)
+    from qcompile.backends import tvm_import
+    from qcompile.ir.model import Model
+
+    lowered = tvm_backend._lower(tvm_import.to_relax(Model.from_proto(proto), cpu=True).module,
+                                 tvm_backend._llvm_target("cpu"), cpu=True)
+    for _, func in lowered.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch = tvm.s_tir.Schedule(func)
+            for block in sch.get_child_blocks(sch.get_sblock("root")):
+                work = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(block)]))
+                assert work <= width, (kind, sch.get(block).name_hint, work)
+    result = qcompile.compile(proto, passes="fold(smooth=false)", backend="tvm", input_shapes={"x": (1, 1, width)},
+                              output=tmp_path / "out")
+    x = np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32)
+    np.testing.assert_allclose(qcompile.load(result.path).run({"x": x})["y"], make_session(proto).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
