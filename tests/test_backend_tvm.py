@@ -485,3 +485,22 @@ def test_one_row_reductions_are_computed_once(tmp_path, kind):
     x = np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32)
     np.testing.assert_allclose(qcompile.load(result.path).run({"x": x})["y"], make_session(proto).run(None, {"x": x})[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_are_the_callers_own_arrays(tmp_path):
+    """CPU inputs and outputs cross without copies; an output that is an input is still copied,
+    and a later run does not overwrite an earlier run's outputs."""
+    proto = make_model([helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Add", ["x", "x"], ["twice"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                       [helper.make_tensor_value_info("same", TensorProto.FLOAT, [2, 64]),
+                        helper.make_tensor_value_info("twice", TensorProto.FLOAT, [2, 64])], [])
+    result = qcompile.compile(proto, passes="fold(smooth=false)", backend="tvm", input_shapes={"x": (2, 64)},
+                              output=tmp_path / "out")
+    artifact = qcompile.load(result.path)
+    x = np.ones((2, 64), np.float32)
+    first = artifact.run({"x": x})
+    first["same"][0, 0] = 5
+    assert x[0, 0] == 1
+    second = artifact.run({"x": 3 * x})
+    np.testing.assert_array_equal(first["twice"], 2 * x)
+    np.testing.assert_array_equal(second["twice"], 6 * x)
