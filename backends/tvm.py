@@ -249,6 +249,16 @@ def _load_library(path: Path) -> Any:
         return tvm.runtime.load_module(str(copy))
 
 
+def _fix_thread_count() -> None:
+    """Give TVM's thread pool its size through ``TVM_NUM_THREADS`` unless the user did (or set
+    ``OMP_NUM_THREADS``, which TVM reads too). Without either, TVM asks the C library for the
+    number of CPUs at every parallel launch, which reads ``/sys/devices/system/cpu/online``:
+    three system calls per kernel, half of a SmolLM2 decode step's time (12.7 -> 5.7 ms)."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                            else os.cpu_count() or 1)
+
+
 class TvmArtifact:
     """A TVM artifact folder loaded into a Relax VM (``run(feeds)`` like the ORT one)."""
 
@@ -261,6 +271,7 @@ class TvmArtifact:
         backend = manifest["backend"]
         self.backend = backend
         self._device, library = self._pick_library(backend, device)
+        _fix_thread_count()
         try:
             module = _load_library(folder / library)
             self._vm = VirtualMachine(module, self._device)

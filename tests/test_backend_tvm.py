@@ -504,3 +504,24 @@ def test_outputs_are_the_callers_own_arrays(tmp_path):
     second = artifact.run({"x": 3 * x})
     np.testing.assert_array_equal(first["twice"], 2 * x)
     np.testing.assert_array_equal(second["twice"], 6 * x)
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "affinity"), ({"TVM_NUM_THREADS": "1"}, "1"),
+                                              ({"OMP_NUM_THREADS": "1"}, None)])
+def test_loading_sizes_the_thread_pool_unless_the_user_did(tmp_path, preset, expected):
+    """Without TVM_NUM_THREADS / OMP_NUM_THREADS, TVM reads /sys/devices/system/cpu/online at
+    every parallel launch (half of an LLM decode step): loading an artifact sets the count."""
+    import os
+    import subprocess
+    import sys
+
+    result = qcompile.compile(mlp_model(), passes="quant(bits=4,min_size=0)", backend="tvm",
+                              input_shapes={"ids": (2, 4)}, output=tmp_path / "out")
+    script = (f"import os, qcompile\nqcompile.load({str(result.path)!r})\n"
+              "print(os.environ.get('TVM_NUM_THREADS'), len(os.sched_getaffinity(0)))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, **preset}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    value, affinity = done.stdout.split()
+    assert value == {"affinity": affinity, None: "None"}.get(expected, expected)
