@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qcompile.llm_eval import SETTLE_SECONDS
+
 logger = logging.getLogger("ort_baselines")
 
 _TWO_GB = 2**31 - 1
@@ -259,6 +261,7 @@ def interleaved_latency_ms(
     for index in range(rounds):
         for session, times in zip(sessions, samples, strict=True):
             warmup = 3 if index == 0 else 1
+            time.sleep(SETTLE_SECONDS)  # the previous session's spinning threads go quiet first
             times.append(latency_ms(session, feeds, warmup=warmup, repeats=per_round))
     return [float(statistics.median(times)) for times in samples]
 

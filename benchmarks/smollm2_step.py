@@ -30,7 +30,7 @@ import qcompile
 from qcompile.frontends.llm import cached_causal_lm_onnx, smollm2_path
 from qcompile.frontends.text import english_text
 from qcompile.ir.runtime import make_session
-from qcompile.llm_eval import calibration_arrays, open_lm, tokenizer_for
+from qcompile.llm_eval import SETTLE_SECONDS, calibration_arrays, open_lm, tokenizer_for
 
 DEFAULT_PASSES = ("quant(bits=4,group_size=64)",)
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for label, (model, _) in models.items():
             model.run(feeds)  # warm
+            time.sleep(SETTLE_SECONDS)  # the previous model's thread pool goes quiet
             started = time.perf_counter()
             for _ in range(args.steps):
                 model.run(feeds)

@@ -230,12 +230,20 @@ def calibration_arrays(lm_inputs: list[str], tokenizer: Any, *, samples: int, wi
     return arrays
 
 
+# Pause before timing each model: the previous model's thread pool (ONNX Runtime's spin-waits
+# after every run, TVM's too) otherwise keeps both cores of a small machine busy for a while
+# and slows the next model: a SmolLM2 decode step measured 9.6 ms right after another
+# runtime's run and 6.5 ms after this pause.
+SETTLE_SECONDS = 0.3
+
+
 def decode_latency(models: dict[str, LanguageModel], *, prompt_tokens: int = 32, new_tokens: int = 32,
                    rounds: int = 3, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per-token decode latency at batch 1 with the KV cache, models interleaved round by round.
 
-    Each round runs, for every model in turn, a prompt of ``prompt_tokens`` random ids
-    (prefill, timed separately) and then ``new_tokens`` single-token steps. Reported per
+    Each round runs, for every model in turn (after :data:`SETTLE_SECONDS` of quiet), a
+    prompt of ``prompt_tokens`` random ids (prefill, timed separately) and then
+    ``new_tokens`` single-token steps. Reported per
     model: the median over rounds of the mean step time and of the prefill time (ms).
     """
     missing = [name for name, lm in models.items() if not lm.has_cache]
@@ -248,6 +256,7 @@ def decode_latency(models: dict[str, LanguageModel], *, prompt_tokens: int = 32,
     timings: dict[str, dict[str, list[float]]] = {name: {"step": [], "prefill": []} for name in models}
     for _ in range(rounds):
         for name, lm in models.items():
+            time.sleep(SETTLE_SECONDS)
             started = time.perf_counter()
             _, past = lm.run(prompt)
             prefill = time.perf_counter() - started
