@@ -249,7 +249,7 @@ def _load_library(path: Path) -> Any:
         return tvm.runtime.load_module(str(copy))
 
 
-def _fix_thread_count() -> None:
+def fix_thread_count() -> None:
     """Give TVM's thread pool its size through ``TVM_NUM_THREADS`` unless the user did (or set
     ``OMP_NUM_THREADS``, which TVM reads too). Without either, TVM asks the C library for the
     number of CPUs at every parallel launch, which reads ``/sys/devices/system/cpu/online``:
@@ -271,7 +271,7 @@ class TvmArtifact:
         backend = manifest["backend"]
         self.backend = backend
         self._device, library = self._pick_library(backend, device)
-        _fix_thread_count()
+        fix_thread_count()
         try:
             module = _load_library(folder / library)
             self._vm = VirtualMachine(module, self._device)

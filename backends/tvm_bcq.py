@@ -125,20 +125,25 @@ def _chunk(cols: int, widths: tuple[int, ...]) -> int:
     return next(w for w in widths if cols % w == 0)
 
 
-def qmatmul_cpu(rows_in: int, layout: BcqCpuLayout, gemv: str = DEFAULT_GEMV, gather: bool = False) -> tirx.PrimFunc:
+def qmatmul_cpu(rows_in: int, layout: BcqCpuLayout | BcqVnniLayout, gemv: str = DEFAULT_GEMV,
+                gather: bool = False) -> tirx.PrimFunc:
     """``Y[M, N_pad] = X[M, K_pad] @ decode(W).T`` as a scheduled CPU PrimFunc.
 
     ``gemv``: which GEMV inner loop (``plain`` or ``lut``) serves few activation rows;
     ``gather``: the LUT look-ups use AVX-512 ``vgatherdps``."""
     if gemv not in GEMV_KERNELS:
         raise ValueError(f"gemv kernel {gemv!r}: expected one of {', '.join(GEMV_KERNELS)}")
+    if isinstance(layout, BcqVnniLayout):
+        return _vnni(rows_in, layout)
     if rows_in <= GEMV_MAX_ROWS and layout.aligned:
         return _gemv_lut(rows_in, layout, gather) if gemv == "lut" else _gemv_plain(rows_in, layout)
     return _gemm(rows_in, layout)
 
 
-def kernel_kind(rows_in: int, layout: BcqCpuLayout, gemv: str = DEFAULT_GEMV) -> str:
+def kernel_kind(rows_in: int, layout: BcqCpuLayout | BcqVnniLayout, gemv: str = DEFAULT_GEMV) -> str:
     """What :func:`qmatmul_cpu` builds, in words (for the manifest)."""
+    if isinstance(layout, BcqVnniLayout):
+        return "GEMV int8 activations, VNNI"
     if rows_in <= GEMV_MAX_ROWS and layout.aligned:
         return "GEMV lookup-table" if gemv == "lut" else "GEMV"
     return "GEMM"
@@ -357,6 +362,177 @@ def _gemm(M: int, layout: BcqCpuLayout) -> tirx.PrimFunc:
                     for row in T.unroll(MR):
                         for lane in T.vectorized(L):
                             y[mb * MR + row, nb * L + lane] = acc[row, lane]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------
+# int8 activations (AVX-512 VNNI)
+# ----------------------------------------------------------------------------------
+
+VNNI_ROWS = 64  # output rows per task: four 16-lane accumulators
+VNNI_COLS = 32  # columns per 32-bit word of a 1-bit plane, and per activation scale
+
+
+@dataclass(frozen=True)
+class BcqVnniLayout:
+    """A ``bcq`` weight for :func:`_vnni`: each binary plane word-major like the 1-bit plane
+    of the ``int`` VNNI kernels, ``planes`` uint8 ``[rows / 16, bits, cols / 32, 16, 4]``
+    (bit ``t`` of byte ``j`` of a lane's 32-bit word is column ``4t + j`` of the word's 32, rows
+    padded to a multiple of 64), ``alphas`` the codes as :class:`BcqCpuLayout` has them. Same
+    bits, reordered."""
+
+    planes: np.ndarray
+    alphas: np.ndarray
+    rows: int
+    cols: int
+    row_group: int
+    col_group: int
+    lanes: int = 16
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[1])
+
+    @property
+    def terms(self) -> int:
+        return int(self.alphas.shape[2])
+
+    @property
+    def padded_rows(self) -> int:
+        return int(self.planes.shape[0]) * 16
+
+    @property
+    def padded_cols(self) -> int:
+        return int(self.planes.shape[2]) * VNNI_COLS
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.planes, self.alphas]
+
+
+def vnni_eligible(weight: BCQWeight) -> bool:
+    """The int8-activation kernel applies: whole 32-column words, and the rows of a task
+    share their alphas (row groups of a multiple of 64 rows, or one group)."""
+    return (weight.planes.shape[2] % 4 == 0 and
+            (weight.row_group % VNNI_ROWS == 0 or weight.alphas.shape[0] == 1))
+
+
+def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
+    padded = -(-weight.rows // VNNI_ROWS) * VNNI_ROWS
+    words = weight.planes.shape[2] // 4
+    # within each 32-column word, bit t of byte j becomes column 4t + j (it was 8j + t): the
+    # 4 bytes that one shift by t yields then meet 4 consecutive activations
+    bits = np.unpackbits(weight.planes, axis=2, bitorder="little").reshape(weight.rows, weight.bits, words, 4, 8)
+    bits = bits.reshape(weight.rows, weight.bits, words, 32).reshape(weight.rows, weight.bits, words, 8, 4)
+    repacked = np.packbits(bits.transpose(0, 1, 2, 4, 3), axis=4, bitorder="little").reshape(weight.rows, weight.bits, -1)
+    planes = np.zeros((padded, weight.bits, weight.planes.shape[2]), np.uint8)
+    planes[: weight.rows] = repacked
+    planes = np.ascontiguousarray(planes.reshape(padded // 16, 16, weight.bits, words, 4).transpose(0, 2, 3, 1, 4))
+    lanes = cpu_layout(weight)  # the alpha codes as the other CPU kernels take them
+    return BcqVnniLayout(planes, lanes.alphas, weight.rows, weight.cols, weight.row_group, weight.col_group)
+
+
+def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
+    """``Y = X @ decode(W).T`` with int8 activations on AVX-512 VNNI, as the ``int`` kernels at
+    ``accuracy_level=4``. ShiftAddLLM's order: the activations are first *shifted* per plane
+    and alpha row group, ``x'_q[k] = alpha_q[g, k // cg] * x[k]`` (alphas rebuilt from their
+    codes), then quantized to int8 per 32 columns (``scale = max|x'| / 127``); each 32-bit
+    word of a plane then yields 4 columns x 16 rows of 0/1 bits per shift and mask, summed
+    against the int8 activations by one ``vpdpbusd``: ``sum_k s_k x'_k = 2 sum_{s=+1} x'_k -
+    sum_k x'_k`` per word, scaled back in float32."""
+    from .tvm_kernels import _dpbusd
+
+    Q, TT = layout.bits, layout.terms
+    NB, W = layout.planes.shape[0], layout.planes.shape[2]
+    RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
+    K = W * VNNI_COLS
+    RB = VNNI_ROWS // 16
+    rg, cg = layout.row_group, layout.col_group
+    tasks = NB // RB
+
+    if cg % 8 == 0:  # (block layout) one alpha per 8 columns: rebuilt once, broadcast
+        @T.macro
+        def _shift_word(x, a, alpha, shifted, m, g, q, wi):
+            for kb in range(VNNI_COLS // 8):
+                alpha[kb] = T.float32(0)
+                for t in range(TT):
+                    alpha[kb] = alpha[kb] + _term(T.Cast("int32", a[g, q, t, (wi * VNNI_COLS + kb * 8) // cg]))
+                for kk in T.vectorized(8):
+                    shifted[kb * 8 + kk] = alpha[kb] * x[m, wi * VNNI_COLS + kb * 8 + kk]
+    else:  # (column layout) one alpha per column: rebuilt 32 at a time
+        @T.macro
+        def _shift_word(x, a, alpha, shifted, m, g, q, wi):
+            for kk in T.vectorized(VNNI_COLS):
+                alpha[kk] = T.float32(0)
+            for t in range(TT):
+                for kk in T.vectorized(VNNI_COLS):
+                    alpha[kk] = alpha[kk] + _term(T.Cast("int32", a[g, q, t, (wi * VNNI_COLS + kk) // cg]))
+            for kk in T.vectorized(VNNI_COLS):
+                shifted[kk] = alpha[kk] * x[m, wi * VNNI_COLS + kk]
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, W, 16, 4), "uint8"),
+               a: T.Buffer((RG, Q, TT, CG), "int8"), y: T.Buffer((M, NB * 16), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xq = T.alloc_buffer((M, RG, Q, K), "int8")
+        xscale = T.alloc_buffer((M, RG, Q, W), "float32")
+        xsum = T.alloc_buffer((M, RG, Q, W), "float32")
+        for mgq in T.parallel(M * RG * Q):
+            shifted = T.alloc_buffer((VNNI_COLS,), "float32", scope="local")
+            alpha = T.alloc_buffer((VNNI_COLS,), "float32", scope="local")
+            part = T.alloc_buffer((8,), "float32", scope="local")
+            peak = T.alloc_buffer((1,), "float32", scope="local")
+            total = T.alloc_buffer((1,), "float32", scope="local")
+            m = mgq // (RG * Q)
+            g = mgq // Q % RG
+            q = mgq % Q
+            for wi in range(W):
+                _shift_word(x, a, alpha, shifted, m, g, q, wi)
+                for kk in T.vectorized(8):  # max |x'| over the word: 8 lanes, then 8 scalars
+                    part[kk] = T.max(T.max(T.fabs(shifted[kk]), T.fabs(shifted[kk + 8])),
+                                     T.max(T.fabs(shifted[kk + 16]), T.fabs(shifted[kk + 24])))
+                peak[0] = T.float32(1e-30)
+                for kk in range(8):
+                    peak[0] = T.max(peak[0], part[kk])
+                xscale[m, g, q, wi] = peak[0] / T.float32(127)
+                for kk in T.vectorized(VNNI_COLS):
+                    shifted[kk] = T.round(shifted[kk] * (T.float32(127) / peak[0]))
+                    xq[m, g, q, wi * VNNI_COLS + kk] = T.Cast("int8", shifted[kk])
+                for kk in T.vectorized(8):
+                    part[kk] = shifted[kk] + shifted[kk + 8] + shifted[kk + 16] + shifted[kk + 24]
+                total[0] = T.float32(0)
+                for kk in range(8):
+                    total[0] = total[0] + part[kk]
+                xsum[m, g, q, wi] = total[0]
+        for task in T.parallel(tasks):
+            accf = T.alloc_buffer((RB, 16), "float32", scope="local")
+            acci = T.alloc_buffer((RB, 16), "int32", scope="local")
+            g = T.min(task * VNNI_ROWS // rg, RG - 1)
+            for m in range(M):
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        accf[rb, lane] = T.float32(0)
+                for q in range(Q):
+                    for wi in range(W):
+                        for rb in T.unroll(RB):
+                            for lane in T.vectorized(16):
+                                acci[rb, lane] = 0
+                        for t in T.unroll(8):
+                            for rb in T.unroll(RB):
+                                acci[rb, T.ramp(0, 1, 16)] = _dpbusd(
+                                    acci[rb, T.ramp(0, 1, 16)],
+                                    T.bitwise_and(T.shift_right(
+                                        T.reinterpret("int32x16", w.vload([task * RB + rb, q, wi, 0, 0], "uint8x64")),
+                                        T.broadcast(T.int32(t), 16)), T.broadcast(T.int32(0x01010101), 16)),
+                                    T.broadcast(T.reinterpret("int32", xq.vload([m, g, q, wi * VNNI_COLS + t * 4],
+                                                                                 "int8x4")), 16))
+                        for rb in T.unroll(RB):
+                            for lane in T.vectorized(16):
+                                accf[rb, lane] = accf[rb, lane] + (
+                                    T.Cast("float32", acci[rb, lane] * 2) - xsum[m, g, q, wi]) * xscale[m, g, q, wi]
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        y[m, (task * RB + rb) * 16 + lane] = accf[rb, lane]
 
     return kernel
 

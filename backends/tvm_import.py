@@ -106,8 +106,10 @@ class _Layer:
 
 def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
                       row_gemv: frozenset[str] | set[str] = frozenset()) -> dict[str, _Layer]:
-    """The quantized nodes as the kernels take them; ``row_gemv``: bitmask nodes laid out for
-    the one-row-per-task GEMV (see :meth:`QuantizedImporter._qmatmul_sparse`)."""
+    """The quantized nodes as the kernels take them; ``row_gemv``: nodes seen with GEMV rows,
+    laid out for their GEMV kernel: bitmask ones for the one-row-per-task GEMV (see
+    :meth:`QuantizedImporter._qmatmul_sparse`), ``bcq`` ones for the int8-activation kernel
+    when ``int8_activations``."""
     layers: dict[str, _Layer] = {}
     for node in model.quantized_nodes():
         fmt = str(node.attrs.get("format", "int"))
@@ -129,8 +131,9 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
             weight, fmt = weight.dense, "bcq"
         layout: Any = None
         if cpu and node.op == "QMatMul":
-            if fmt == "bcq":
-                layout = tvm_bcq.cpu_layout(weight)
+            if fmt == "bcq":  # int8 activations for GEMV rows only (the lanes GEMM measured faster)
+                vnni = int8_activations and node.name in row_gemv and tvm_bcq.vnni_eligible(weight)
+                layout = tvm_bcq.vnni_layout(weight) if vnni else tvm_bcq.cpu_layout(weight)
             else:
                 vnni = int8_activations and kernels.vnni_eligible(weight)
                 layout = kernels.vnni_layout(weight) if vnni else kernels.cpu_layout(weight)
@@ -188,8 +191,9 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
     """The Relax ONNX importer plus our lowering of ``qcompile`` quantized ops."""
 
     def __init__(self, layers: dict[str, _Layer], *, cpu: bool, shape_dict: dict, dtype_dict: dict,
-                 bcq_gemv: str = tvm_bcq.DEFAULT_GEMV, gather: bool = False) -> None:
+                 bcq_gemv: str = tvm_bcq.DEFAULT_GEMV, gather: bool = False, int8_activations: bool = False) -> None:
         super().__init__(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=False)
+        self._int8_activations = int8_activations
         self._layers = layers
         self._cpu = cpu
         self._bcq_gemv = bcq_gemv
@@ -198,7 +202,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         self._array_counts: dict[str, int] = {}
         self._kernel_cache: dict[tuple, tvm.ir.GlobalVar] = {}
         self.kernel_names: dict[str, str] = {}
-        self.row_gemv: set[str] = set()  # bitmask layers seen with GEMV rows (re-imported for that kernel)
+        self.row_gemv: set[str] = set()  # bitmask / bcq layers seen with GEMV rows (re-imported for that kernel)
 
     # -- seams of the base importer ----------------------------------------------
 
@@ -268,6 +272,9 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         args, corrections = self._split_corrections(layer)
         inputs = flat
         layout = layer.layout
+        if (self._int8_activations and rows <= tvm_bcq.GEMV_MAX_ROWS and tvm_bcq.vnni_eligible(weight)
+                and not isinstance(layout, tvm_bcq.BcqVnniLayout)):
+            self.row_gemv.add(layer.node_name)  # rows are known here only: re-imported with that layout
         if layout is not None:
             if layout.padded_cols != weight.cols:
                 flat = self.bb.normalize(relax.op.nn.pad(flat, [0, 0, 0, layout.padded_cols - weight.cols]))
@@ -275,7 +282,7 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
             key = ("bcq", rows, layout.planes.shape, layout.alphas.shape, weight.row_group, weight.col_group, kind)
             if key not in self._kernel_cache:
                 func = tvm_bcq.qmatmul_cpu(rows, layout, self._bcq_gemv, self._gather)
-                name = f"qmatmul_bcq{weight.bits}_{'gemm' if kind == 'GEMM' else 'gemv'}"
+                name = f"qmatmul_bcq{weight.bits}_{'gemm' if kind.startswith('GEMM') else 'gemv'}"
                 self._kernel_cache[key] = self.bb.add_func(func, name)
             out = relax.call_tir(self._kernel_cache[key], [flat, *args],
                                  relax.TensorType([rows, layout.padded_rows], "float32"))
@@ -542,7 +549,7 @@ def to_relax(model: Model, *, cpu: bool, input_shapes: dict[str, tuple[int, ...]
     while True:  # again when a bitmask layer's rows (known only while importing) call for its GEMV layout
         layers = _quantized_layers(model, cpu, int8_activations, row_gemv)
         importer = QuantizedImporter(layers, cpu=cpu, shape_dict=shapes, dtype_dict=dtypes, bcq_gemv=bcq_gemv,
-                                     gather=gather)
+                                     gather=gather, int8_activations=int8_activations)
         try:
             module = importer.from_onnx(proto.graph, opset)
         except UnsupportedModelError:

@@ -68,11 +68,13 @@ def random_bcq(rows: int, cols: int, bits: int, layout: str, rng: np.random.Gene
 
 
 def tvm_cpu_bcq(weight: BCQWeight, x: np.ndarray, gemv: str) -> tuple[TvmKernel, int]:
+    """``gemv``: ``plain`` / ``lut`` (float activations) or ``int8-act`` (the VNNI kernel)."""
     import tvm
 
     from qcompile.backends.tvm import _llvm_target, has_feature
 
-    layout = tvm_bcq.cpu_layout(weight)
+    layout = tvm_bcq.vnni_layout(weight) if gemv == "int8-act" else tvm_bcq.cpu_layout(weight)
+    gemv = "plain" if gemv == "int8-act" else gemv
     gather = has_feature("avx512f", _llvm_target("cpu"))
     func = tvm_bcq.qmatmul_cpu(1, layout, gemv, gather)
     arrays = [x, *layout.arrays()]
@@ -146,6 +148,9 @@ class TvmKernel:
     def __init__(self, func, arrays: list[np.ndarray], out_shape: tuple[int, ...], target, device) -> None:
         import tvm
 
+        from qcompile.backends.tvm import fix_thread_count
+
+        fix_thread_count()  # as artifacts do: else every launch reads /sys/devices/system/cpu/online
         module = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         self.device = device
         self.function = module["main"]
@@ -261,7 +266,8 @@ def bench_shape(cols: int, rows: int, device: str, rounds: int, rng: np.random.G
             kernel, nbytes = tvm_cpu_kernel(weights[bits], x)
             kernels.append((f"qcompile TVM int{bits} fp32", kernel, nbytes, weights[bits]))
         for (bits, layout), weight in bcq.items():
-            for gemv in tvm_bcq.GEMV_KERNELS:
+            vnni_bcq = ("int8-act",) if vnni and tvm_bcq.vnni_eligible(weight) else ()
+            for gemv in (*vnni_bcq, *tvm_bcq.GEMV_KERNELS):
                 kernel, nbytes = tvm_cpu_bcq(weight, x, gemv)
                 kernels.append((f"qcompile TVM bcq{bits} {layout} {gemv}", kernel, nbytes, weight))
     for _, kernel, _, weight in kernels:  # correctness before speed

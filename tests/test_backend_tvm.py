@@ -275,10 +275,11 @@ def test_minilm_tvm_matches_ort_artifact(tmp_path):
     (3, "block", 3),
 ])
 def test_bcq_parity_with_ir_reference(tmp_path, bits, layout, batch):
+    """The float32-activation kernels (``accuracy_level`` below 4) are exact."""
     spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32,outliers=0)"
     feeds = mlp_feeds(batch, seed=bits)
     result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
-                                calib={"ids": mlp_feeds(8, seed=7)["ids"]})
+                                calib={"ids": mlp_feeds(8, seed=7)["ids"]}, accuracy_level=0)
     layers = result.manifest["layers"]
     kind = "GEMV" if batch == 1 else "GEMM"
     assert layers["fc1"]["kernel"] == f"tvm decode-fused {kind} bcq{bits} {layout} (cpu, 64 lanes)"
@@ -302,7 +303,7 @@ def test_bcq_outliers_parity_with_ir_reference(tmp_path, bits, layout, batch):
     spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32,outliers=0.05)"
     feeds = mlp_feeds(batch, seed=bits)
     result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
-                                calib={"ids": mlp_feeds(8, seed=7)["ids"]})
+                                calib={"ids": mlp_feeds(8, seed=7)["ids"]}, accuracy_level=0)
     assert {n.attrs["format"] for n in ir_model.quantized_nodes()} == {"bcq_outliers"}
     layers = result.manifest["layers"]
     assert layers["fc1"]["kernel"].endswith("sparse corrections per row")
@@ -319,6 +320,28 @@ def test_bcq_outliers_parity_with_ir_reference(tmp_path, bits, layout, batch):
         qcompile.compile(mlp_model(), passes=spec, backend="tvm", target="cuda", input_shapes={"ids": (batch, 4)},
                          calib={"ids": mlp_feeds(8, seed=7)["ids"]}, output=tmp_path / "cuda")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bits, layout, batch, outliers", [
+    (3, "column", 1, 0), (2, "block", 1, 0), (3, "column", 1, 0.05)])
+def test_bcq_int8_activation_kernel(tmp_path, bits, layout, batch, outliers):
+    """At ``accuracy_level=4`` (the default) on AVX-512 VNNI CPUs, bcq GEMV layers take int8
+    activations: shifted by the alphas, quantized per 32 columns, summed by ``vpdpbusd``
+    (GEMM rows keep the float-tile kernel, which measured faster)."""
+    if not tvm_backend.has_vnni(tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    spec = f"shiftadd(bits={bits},layout={layout},min_size=0,table_group=32,outliers={outliers})"
+    feeds = mlp_feeds(batch, seed=bits)
+    result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
+                                calib={"ids": mlp_feeds(8, seed=7)["ids"]})
+    assert result.manifest["layers"]["fc1"]["kernel"].startswith(
+        f"tvm decode-fused GEMV int8 activations, VNNI bcq{bits} {layout}")
+    gemm, _ = _compile(tmp_path / "gemm", mlp_model(), spec, {"ids": (3, 4)}, calib={"ids": mlp_feeds(8, seed=7)["ids"]})
+    assert gemm.manifest["layers"]["fc1"]["kernel"].startswith(f"tvm decode-fused GEMM bcq{bits}")  # float tiles
+    got = qcompile.load(result.path).run(feeds)["y"]
+    want = _reference(ir_model, feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=0.03, atol=0.03 * np.abs(want).max())
+    assert np.abs(got - want).max() > 1e-6 * np.abs(want).max()  # not the float kernels
 
 
 def _random_bcq(rng, rows, cols, bits, row_group, col_group, terms=3):
@@ -338,18 +361,25 @@ def _random_bcq(rng, rows, cols, bits, row_group, col_group, terms=3):
     (2, 128, 40, 2, 128, 8, "lut", False),     # lookup tables, scalar look-ups
     (4, 100, 64, 2, 1, 16, "plain", False),    # row-wise alphas: per-lane alphas, GEMM kernel
     (7, 96, 70, 4, 96, 1, "plain", False),     # GEMM, 32 lanes, odd widths
+    (1, 256, 96, 3, 128, 1, "vnni", False),    # int8 activations: column layout
+    (3, 192, 64, 2, 64, 8, "vnni", False),     # ... block layout, three rows
+    (2, 100, 64, 4, 100, 64, "vnni", False),   # ... one alpha row group, rows padded to 128
 ])
 def test_bcq_cpu_kernels(rows_in, rows, cols, bits, row_group, col_group, gemv, gather):
-    """Each CPU kernel against the dequantized weight (random codes: every alpha term sign and exponent)."""
+    """Each CPU kernel against the dequantized weight (random codes: every alpha term sign and
+    exponent); the int8-activation kernel within its activation rounding."""
     import tvm
 
     from qcompile.backends import tvm_bcq
 
-    if gather and not tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
+    if (gather or gemv == "vnni") and not tvm_backend.has_feature("avx512f", tvm_backend._llvm_target("cpu")):
         pytest.skip("this CPU has no AVX-512")
+    if gemv == "vnni" and not tvm_backend.has_vnni(tvm_backend._llvm_target("cpu")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(rows + cols)
     weight = _random_bcq(rng, rows, cols, bits, row_group, col_group)
-    layout = tvm_bcq.cpu_layout(weight)
+    layout = tvm_bcq.vnni_layout(weight) if gemv == "vnni" else tvm_bcq.cpu_layout(weight)
+    gemv = "plain" if gemv == "vnni" else gemv
     func = tvm_bcq.qmatmul_cpu(rows_in, layout, gemv, gather)
     module = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                          target=tvm_backend._llvm_target("cpu"))
@@ -360,7 +390,8 @@ def test_bcq_cpu_kernels(rows_in, rows, cols, bits, row_group, col_group, gemv, 
                                                                               np.float32))]
     module["main"](*args)
     want = x @ weight.dequantize().T
-    np.testing.assert_allclose(args[-1].numpy()[:, :rows], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    tolerance = 2e-2 if isinstance(layout, tvm_bcq.BcqVnniLayout) else 1e-5
+    np.testing.assert_allclose(args[-1].numpy()[:, :rows], want, rtol=tolerance, atol=tolerance * np.abs(want).max())
 
 
 @needs_nvcc
