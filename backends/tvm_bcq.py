@@ -389,6 +389,7 @@ class BcqVnniLayout:
     row_group: int
     col_group: int
     lanes: int = 16
+    per_row: bool = False  # row-wise alphas (a table tied to an LM head): codes [rows / 16, bits, terms, groups, 16]
 
     @property
     def bits(self) -> int:
@@ -411,10 +412,12 @@ class BcqVnniLayout:
 
 
 def vnni_eligible(weight: BCQWeight) -> bool:
-    """The int8-activation kernel applies: whole 32-column words, and the rows of a task
-    share their alphas (row groups of a multiple of 64 rows, or one group)."""
-    return (weight.planes.shape[2] % 4 == 0 and
-            (weight.row_group % VNNI_ROWS == 0 or weight.alphas.shape[0] == 1))
+    """The int8-activation kernel applies: whole 32-column words, and either the rows of a
+    task share their alphas (row groups of a multiple of 64 rows, or one group) or the alphas
+    are row-wise over whole words (``row_group=1``, ``col_group`` a multiple of 32)."""
+    return weight.planes.shape[2] % 4 == 0 and (
+        weight.row_group % VNNI_ROWS == 0 or weight.alphas.shape[0] == 1
+        or (weight.row_group == 1 and weight.col_group % VNNI_COLS == 0))
 
 
 def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
@@ -428,6 +431,11 @@ def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
     planes = np.zeros((padded, weight.bits, weight.planes.shape[2]), np.uint8)
     planes[: weight.rows] = repacked
     planes = np.ascontiguousarray(planes.reshape(padded // 16, 16, weight.bits, words, 4).transpose(0, 2, 3, 1, 4))
+    if weight.row_group == 1 and weight.alphas.shape[0] > 1:  # row-wise: 16 rows' codes side by side
+        codes = np.zeros((padded, weight.alphas.shape[1], weight.bits, weight.terms), np.int8)
+        codes[: weight.rows] = weight.alphas
+        alphas = np.ascontiguousarray(codes.reshape(padded // 16, 16, *codes.shape[1:]).transpose(0, 3, 4, 2, 1))
+        return BcqVnniLayout(planes, alphas, weight.rows, weight.cols, 1, weight.col_group, per_row=True)
     lanes = cpu_layout(weight)  # the alpha codes as the other CPU kernels take them
     return BcqVnniLayout(planes, lanes.alphas, weight.rows, weight.cols, weight.row_group, weight.col_group)
 
@@ -442,6 +450,8 @@ def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
     sum_k x'_k`` per word, scaled back in float32."""
     from .tvm_kernels import _dpbusd
 
+    if layout.per_row:
+        return _vnni_rows(M, layout)
     Q, TT = layout.bits, layout.terms
     NB, W = layout.planes.shape[0], layout.planes.shape[2]
     RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
@@ -537,6 +547,92 @@ def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
     return kernel
 
 
+def _vnni_rows(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
+    """:func:`_vnni` for row-wise alphas (``alpha_q[n, k // cg]``, a tied table read as an LM
+    head): the activations are quantized once per 32 columns (no shift: the alpha does not
+    change along a word), each word's integer sum is scaled back and summed over the
+    column group, and then multiplied by the 16 rows' alphas (rebuilt from codes laid out
+    16 rows side by side)."""
+    from .tvm_kernels import _dpbusd
+
+    Q, TT = layout.bits, layout.terms
+    NB, W = layout.planes.shape[0], layout.planes.shape[2]
+    CG = layout.alphas.shape[3]
+    K = W * VNNI_COLS
+    RB = VNNI_ROWS // 16
+    WG = layout.col_group // VNNI_COLS
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, W, 16, 4), "uint8"),
+               a: T.Buffer((NB, Q, TT, CG, 16), "int8"), y: T.Buffer((M, NB * 16), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xq = T.alloc_buffer((M, K), "int8")
+        xscale = T.alloc_buffer((M, W), "float32")
+        xsum = T.alloc_buffer((M, W), "float32")
+        for m, wi in T.grid(M, W):
+            peak = T.alloc_buffer((1,), "float32", scope="local")
+            total = T.alloc_buffer((1,), "float32", scope="local")
+            rounded = T.alloc_buffer((VNNI_COLS,), "float32", scope="local")
+            peak[0] = T.float32(1e-30)
+            for kk in range(VNNI_COLS):
+                peak[0] = T.max(peak[0], T.fabs(x[m, wi * VNNI_COLS + kk]))
+            xscale[m, wi] = peak[0] / T.float32(127)
+            for kk in T.vectorized(VNNI_COLS):
+                rounded[kk] = T.round(x[m, wi * VNNI_COLS + kk] * (T.float32(127) / peak[0]))
+                xq[m, wi * VNNI_COLS + kk] = T.Cast("int8", rounded[kk])
+            total[0] = T.float32(0)
+            for kk in range(VNNI_COLS):
+                total[0] = total[0] + rounded[kk]
+            xsum[m, wi] = total[0]
+        for task in T.parallel(NB // RB):
+            accf = T.alloc_buffer((RB, 16), "float32", scope="local")
+            part = T.alloc_buffer((RB, 16), "float32", scope="local")
+            alpha = T.alloc_buffer((RB, 16), "float32", scope="local")
+            acci = T.alloc_buffer((RB, 16), "int32", scope="local")
+            for m in range(M):
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        accf[rb, lane] = T.float32(0)
+                for q in range(Q):
+                    for g in range(CG):
+                        for rb in T.unroll(RB):
+                            for lane in T.vectorized(16):
+                                part[rb, lane] = T.float32(0)
+                        for wj in range(WG):
+                            for rb in T.unroll(RB):
+                                for lane in T.vectorized(16):
+                                    acci[rb, lane] = 0
+                            for t in T.unroll(8):
+                                for rb in T.unroll(RB):
+                                    acci[rb, T.ramp(0, 1, 16)] = _dpbusd(
+                                        acci[rb, T.ramp(0, 1, 16)],
+                                        T.bitwise_and(T.shift_right(
+                                            T.reinterpret("int32x16",
+                                                          w.vload([task * RB + rb, q, g * WG + wj, 0, 0], "uint8x64")),
+                                            T.broadcast(T.int32(t), 16)), T.broadcast(T.int32(0x01010101), 16)),
+                                        T.broadcast(T.reinterpret("int32", xq.vload(
+                                            [m, (g * WG + wj) * VNNI_COLS + t * 4], "int8x4")), 16))
+                            for rb in T.unroll(RB):
+                                for lane in T.vectorized(16):
+                                    part[rb, lane] = part[rb, lane] + (
+                                        T.Cast("float32", acci[rb, lane] * 2) - xsum[m, g * WG + wj]
+                                    ) * xscale[m, g * WG + wj]
+                        for rb in T.unroll(RB):
+                            for lane in T.vectorized(16):
+                                alpha[rb, lane] = T.float32(0)
+                            for t in range(TT):
+                                for lane in T.vectorized(16):
+                                    alpha[rb, lane] = alpha[rb, lane] + _term(
+                                        T.Cast("int32", a[task * RB + rb, q, t, g, lane]))
+                            for lane in T.vectorized(16):
+                                accf[rb, lane] = accf[rb, lane] + alpha[rb, lane] * part[rb, lane]
+                for rb in T.unroll(RB):
+                    for lane in T.vectorized(16):
+                        y[m, (task * RB + rb) * 16 + lane] = accf[rb, lane]
+
+    return kernel
+
+
 # ----------------------------------------------------------------------------------
 # Generic (tensor expression) kernels over the format's own arrays
 # ----------------------------------------------------------------------------------
@@ -614,6 +710,56 @@ def qgather_te(planes, indices, alphas, row_group: int, col_group: int, cols: in
         index = indices[i].astype("int64")
         row = tirx.Select(index < 0, index + vocab, index)
         return _decode_te(planes, alphas, row, d, row_group, col_group)
+
+    return te.compute((indices.shape[0], cols), value, name="qgather")
+
+
+def qgather_lanes_te(planes, indices, alphas, vocab: int, row_group: int, col_group: int, cols: int):
+    """:func:`qgather_te` reading a :class:`BcqCpuLayout` in place (a table tied to an LM head
+    whose GEMV/GEMM kernel takes that layout, so the artifact holds the table once): row
+    ``r``'s byte ``b`` of plane ``q`` at ``planes[r / lanes, q, b, r % lanes]``, its alpha codes
+    at ``alphas[r / row_group, q, term, col / col_group]``."""
+    lanes = int(planes.shape[3])
+    bits, terms = int(planes.shape[1]), int(alphas.shape[2])
+
+    def value(i, d):
+        index = indices[i].astype("int64")
+        row = tirx.Select(index < 0, index + vocab, index)
+        total = None
+        for q in range(bits):
+            alpha = None
+            for t in range(terms):
+                term = _term_te(alphas[row // row_group, q, t, d // col_group].astype("int32"))
+                alpha = term if alpha is None else alpha + term
+            bit = (planes[row // lanes, q, d // 8, row % lanes].astype("int32") >> (d % 8)) & 1
+            signed = tirx.Select(bit != 0, alpha, -alpha)
+            total = signed if total is None else total + signed
+        return total
+
+    return te.compute((indices.shape[0], cols), value, name="qgather")
+
+
+def qgather_vnni_rows_te(planes, indices, alphas, vocab: int, col_group: int, cols: int):
+    """:func:`qgather_te` reading a row-wise :class:`BcqVnniLayout` in place (the tied table of
+    an LM head that runs the int8-activation GEMV): row ``r``'s column ``d`` of plane ``q`` is
+    bit ``(d % 32) / 4`` of byte ``d % 4`` at ``planes[r / 16, q, d / 32, r % 16]``, its alpha
+    codes at ``alphas[r / 16, q, term, d / col_group, r % 16]``."""
+    bits, terms = int(planes.shape[1]), int(alphas.shape[2])
+
+    def value(i, d):
+        index = indices[i].astype("int64")
+        row = tirx.Select(index < 0, index + vocab, index)
+        total = None
+        for q in range(bits):
+            alpha = None
+            for t in range(terms):
+                term = _term_te(alphas[row // 16, q, t, d // col_group, row % 16].astype("int32"))
+                alpha = term if alpha is None else alpha + term
+            byte = planes[row // 16, q, d // VNNI_COLS, row % 16, d % 4].astype("int32")
+            bit = (byte >> (d % VNNI_COLS // 4)) & 1
+            signed = tirx.Select(bit != 0, alpha, -alpha)
+            total = signed if total is None else total + signed
+        return total
 
     return te.compute((indices.shape[0], cols), value, name="qgather")
 

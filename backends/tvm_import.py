@@ -149,17 +149,22 @@ def _quantized_layers(model: Model, cpu: bool, int8_activations: bool = False,
 
 
 def _share_tied_tables(layers: dict[str, _Layer]) -> None:
-    """A QGather reading the same stored weight as a dense ``int`` QMatMul (a tied embedding / LM
-    head) reads that layer's kernel arrays: in its CPU layout (``qgather_layout_te``) or, on GPUs,
-    the packed arrays both kernels take as stored. Without this the artifact held the table twice
-    (SmolLM2: 15 MB of a 90 MB build)."""
+    """A QGather reading the same stored weight as a dense ``int`` or ``bcq`` QMatMul (a tied
+    embedding / LM head) reads that layer's kernel arrays: in its CPU layout
+    (``qgather_layout_te``, ``qgather_lanes_te``; bcq corrections included) or, on GPUs, the
+    packed arrays both kernels take as stored. Without this the artifact held the table twice
+    (SmolLM2 at 4 bits: 15 MB of a 90 MB build)."""
+    def readable(layout) -> bool:
+        return (layout is None or isinstance(layout, (kernels.CpuLayout, tvm_bcq.BcqCpuLayout))
+                or (isinstance(layout, tvm_bcq.BcqVnniLayout) and layout.per_row))
+
     matmuls = {tuple(layer.param_names): layer for layer in layers.values()
-               if layer.op == "QMatMul" and layer.format == "int" and layer.corrections is None
-               and layer.decoded is None and layer.gpu_arrays is None
-               and (layer.layout is None or isinstance(layer.layout, kernels.CpuLayout))}
+               if layer.op == "QMatMul" and layer.format in ("int", "bcq") and layer.decoded is None
+               and layer.gpu_arrays is None and (layer.corrections is None or layer.format == "bcq")
+               and readable(layer.layout)}
     for layer in layers.values():
         source = matmuls.get(tuple(layer.param_names))
-        if layer.op == "QGather" and layer.format == "int" and source is not None:
+        if layer.op == "QGather" and source is not None and layer.format == source.format:
             layer.reads, layer.layout = source.node_name, source.layout
 
 
@@ -432,10 +437,21 @@ class QuantizedImporter(onnx_frontend.ONNXGraphImporter):
         flat = self.bb.normalize(relax.op.reshape(indices, [count]))
         if layer.format == "bcq":
             (planes, *rest), corrections = self._split_corrections(layer)
-            result = self.bb.normalize(self.bb.call_te(
-                tvm_bcq.qgather_te, planes, flat, *rest, weight.row_group, weight.col_group, weight.cols,
-                primfunc_name_hint=f"qgather_bcq{weight.bits}"))
+            if isinstance(layer.layout, tvm_bcq.BcqCpuLayout):
+                result = self.bb.normalize(self.bb.call_te(
+                    tvm_bcq.qgather_lanes_te, planes, flat, *rest, weight.rows, weight.row_group, weight.col_group,
+                    weight.cols, primfunc_name_hint=f"qgather_bcq{weight.bits}"))
+            elif isinstance(layer.layout, tvm_bcq.BcqVnniLayout):
+                result = self.bb.normalize(self.bb.call_te(
+                    tvm_bcq.qgather_vnni_rows_te, planes, flat, *rest, weight.rows, weight.col_group, weight.cols,
+                    primfunc_name_hint=f"qgather_bcq{weight.bits}"))
+            else:
+                result = self.bb.normalize(self.bb.call_te(
+                    tvm_bcq.qgather_te, planes, flat, *rest, weight.row_group, weight.col_group, weight.cols,
+                    primfunc_name_hint=f"qgather_bcq{weight.bits}"))
             self.kernel_names[layer.node_name] = f"tvm decode-fused gather bcq{weight.bits}"
+            if layer.reads:
+                self.kernel_names[layer.node_name] += f" (reads {layer.reads}'s arrays: tied table stored once)"
             if corrections:
                 result = self._corrections(layer, "gather", [result, flat], [count, weight.cols], (count, weight.cols))
                 self.kernel_names[layer.node_name] += " + sparse corrections"

@@ -364,6 +364,8 @@ def _random_bcq(rng, rows, cols, bits, row_group, col_group, terms=3):
     (1, 256, 96, 3, 128, 1, "vnni", False),    # int8 activations: column layout
     (3, 192, 64, 2, 64, 8, "vnni", False),     # ... block layout, three rows
     (2, 100, 64, 4, 100, 64, "vnni", False),   # ... one alpha row group, rows padded to 128
+    (1, 256, 64, 3, 1, 32, "vnni", False),     # ... row-wise alphas (a tied LM head)
+    (3, 100, 128, 4, 1, 64, "vnni", False),    # ... row-wise, two words per alpha, rows padded
 ])
 def test_bcq_cpu_kernels(rows_in, rows, cols, bits, row_group, col_group, gemv, gather):
     """Each CPU kernel against the dequantized weight (random codes: every alpha term sign and
@@ -473,6 +475,29 @@ def test_a_tied_table_is_stored_once(tmp_path, vocab, bits, accuracy_level, targ
     want = _reference(ir_model, {"ids": ids})
     np.testing.assert_allclose(got["e"], want["e"], rtol=1e-6, atol=1e-6)  # the rows decoded exactly
     tolerance = 1e-2 if accuracy_level == 4 else 1e-4  # int8 activations in the head's GEMV
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=tolerance,
+                               atol=tolerance * np.abs(want["logits"]).max())
+
+
+@pytest.mark.parametrize("outliers, accuracy_level", [(0, 0), (0.05, 0), (0.05, 4)])
+def test_a_tied_bcq_table_is_stored_once(tmp_path, outliers, accuracy_level):
+    """shiftadd's tied table: the gather decodes rows exactly from the LM head's arrays (and
+    its sparse corrections): the float lanes layout, or the row-wise int8-activation one."""
+    spec = f"shiftadd(bits=3,min_size=0,outliers={outliers},embedding_bits=3)"
+    result, ir_model = _compile(tmp_path, _tied_model(256), spec, {"ids": (1, 4)}, accuracy_level=accuracy_level,
+                                calib={"ids": np.arange(16).reshape(4, 4)})
+    kernels = result.manifest["layers"]
+    assert "tied table stored once" in kernels["embed"]["kernel"]
+    vnni = accuracy_level == 4 and tvm_backend.has_vnni(tvm_backend._llvm_target("cpu"))
+    assert ("int8 activations, VNNI" in kernels["head"]["kernel"]) == vnni
+    params = np.load(result.path / "params.npz")
+    planes = [name for name in params.files if params[name].dtype == np.uint8]
+    assert sum(params[name].nbytes for name in planes) == 256 * 3 * 64 // 8  # one copy of the planes
+    ids = np.array([[0, 5, 255, -1]], np.int64)
+    got = qcompile.load(result.path).run({"ids": ids})
+    want = _reference(ir_model, {"ids": ids})
+    np.testing.assert_allclose(got["e"], want["e"], rtol=1e-6, atol=1e-6)
+    tolerance = 2e-2 if vnni else 1e-4
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=tolerance,
                                atol=tolerance * np.abs(want["logits"]).max())
 
