@@ -55,17 +55,11 @@ _FLOAT_EXPONENT = 127 - EXPONENT_BIAS  # code magnitude -> IEEE float32 biased e
 
 
 @dataclass(frozen=True)
-class BcqCpuLayout:
-    """A ``bcq`` weight re-laid out for the CPU kernels (numpy arrays).
-
-    ``planes``: uint8 ``[rows / lanes, bits, bytes, lanes]`` (rows padded with zero bytes).
-    ``alphas``: the int8 codes ``[row_groups, bits, terms, col_groups']`` with the column
-    groups padded (code 0 = no term) to cover the padded columns.
-    """
+class _BcqLayout:
+    """A ``bcq`` weight's planes and alpha codes re-laid out for a kernel (numpy arrays)."""
 
     planes: np.ndarray
     alphas: np.ndarray
-    lanes: int
     rows: int
     cols: int
     row_group: int
@@ -79,6 +73,21 @@ class BcqCpuLayout:
     def terms(self) -> int:
         return int(self.alphas.shape[2])
 
+    def arrays(self) -> list[np.ndarray]:
+        return [self.planes, self.alphas]
+
+
+@dataclass(frozen=True)
+class BcqCpuLayout(_BcqLayout):
+    """A ``bcq`` weight re-laid out for the CPU kernels (numpy arrays).
+
+    ``planes``: uint8 ``[rows / lanes, bits, bytes, lanes]`` (rows padded with zero bytes).
+    ``alphas``: the int8 codes ``[row_groups, bits, terms, col_groups']`` with the column
+    groups padded (code 0 = no term) to cover the padded columns.
+    """
+
+    lanes: int = 16
+
     @property
     def padded_rows(self) -> int:
         return int(self.planes.shape[0]) * self.lanes
@@ -91,9 +100,6 @@ class BcqCpuLayout:
     def aligned(self) -> bool:
         """Every vector of ``lanes`` rows shares its alphas (a scalar broadcast per column)."""
         return self.row_group % self.lanes == 0 or self.alphas.shape[0] == 1
-
-    def arrays(self) -> list[np.ndarray]:
-        return [self.planes, self.alphas]
 
 
 def cpu_layout(weight: BCQWeight) -> BcqCpuLayout:
@@ -111,7 +117,7 @@ def cpu_layout(weight: BCQWeight) -> BcqCpuLayout:
     codes = np.zeros((weight.alphas.shape[0], col_groups, weight.bits, weight.terms), np.int8)
     codes[:, : weight.alphas.shape[1]] = weight.alphas
     alphas = np.ascontiguousarray(codes.transpose(0, 2, 3, 1))
-    return BcqCpuLayout(planes, alphas, lanes, weight.rows, weight.cols, weight.row_group, weight.col_group)
+    return BcqCpuLayout(planes, alphas, weight.rows, weight.cols, weight.row_group, weight.col_group, lanes=lanes)
 
 
 def _term(code):
@@ -375,29 +381,15 @@ VNNI_COLS = 32  # columns per 32-bit word of a 1-bit plane, and per activation s
 
 
 @dataclass(frozen=True)
-class BcqVnniLayout:
+class BcqVnniLayout(_BcqLayout):
     """A ``bcq`` weight for :func:`_vnni`: each binary plane word-major like the 1-bit plane
     of the ``int`` VNNI kernels, ``planes`` uint8 ``[rows / 16, bits, cols / 32, 16, 4]``
     (bit ``t`` of byte ``j`` of a lane's 32-bit word is column ``4t + j`` of the word's 32, rows
     padded to a multiple of 64), ``alphas`` the codes as :class:`BcqCpuLayout` has them. Same
     bits, reordered."""
 
-    planes: np.ndarray
-    alphas: np.ndarray
-    rows: int
-    cols: int
-    row_group: int
-    col_group: int
     lanes: int = 16
     per_row: bool = False  # row-wise alphas (a table tied to an LM head): codes [rows / 16, bits, terms, groups, 16]
-
-    @property
-    def bits(self) -> int:
-        return int(self.planes.shape[1])
-
-    @property
-    def terms(self) -> int:
-        return int(self.alphas.shape[2])
 
     @property
     def padded_rows(self) -> int:
@@ -406,9 +398,6 @@ class BcqVnniLayout:
     @property
     def padded_cols(self) -> int:
         return int(self.planes.shape[2]) * VNNI_COLS
-
-    def arrays(self) -> list[np.ndarray]:
-        return [self.planes, self.alphas]
 
 
 def vnni_eligible(weight: BCQWeight) -> bool:
@@ -440,6 +429,27 @@ def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
     return BcqVnniLayout(planes, lanes.alphas, weight.rows, weight.cols, weight.row_group, weight.col_group)
 
 
+_VNNI_BLOCKS = VNNI_ROWS // 16  # 16-lane accumulators per task
+
+
+@T.macro
+def _plane_word(acci, w, xq, task, q, wi, m, xg, xp):
+    """``acci[rb, lane] = sum of the word's 32 columns of plane q where the bit is set``, in
+    int8 activation units (``xq[m, xg, xp, wi * 32 ...]``): 8 shifts, 8 ``vpdpbusd`` per block."""
+    for rb in T.unroll(_VNNI_BLOCKS):
+        for lane in T.vectorized(16):
+            acci[rb, lane] = 0
+    for t in T.unroll(8):
+        for rb in T.unroll(_VNNI_BLOCKS):
+            acci[rb, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                "int32x16", "llvm.x86.avx512.vpdpbusd.512", acci[rb, T.ramp(0, 1, 16)],
+                T.reinterpret("int8x64", T.bitwise_and(T.shift_right(
+                    T.reinterpret("int32x16", w.vload([task * _VNNI_BLOCKS + rb, q, wi, 0, 0], "uint8x64")),
+                    T.broadcast(T.int32(t), 16)), T.broadcast(T.int32(0x01010101), 16))),
+                T.reinterpret("int8x64", T.broadcast(
+                    T.reinterpret("int32", xq.vload([m, xg, xp, wi * VNNI_COLS + t * 4], "int8x4")), 16)))
+
+
 def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
     """``Y = X @ decode(W).T`` with int8 activations on AVX-512 VNNI, as the ``int`` kernels at
     ``accuracy_level=4``. ShiftAddLLM's order: the activations are first *shifted* per plane
@@ -448,15 +458,13 @@ def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
     word of a plane then yields 4 columns x 16 rows of 0/1 bits per shift and mask, summed
     against the int8 activations by one ``vpdpbusd``: ``sum_k s_k x'_k = 2 sum_{s=+1} x'_k -
     sum_k x'_k`` per word, scaled back in float32."""
-    from .tvm_kernels import _dpbusd
-
     if layout.per_row:
         return _vnni_rows(M, layout)
     Q, TT = layout.bits, layout.terms
     NB, W = layout.planes.shape[0], layout.planes.shape[2]
     RG, CG = layout.alphas.shape[0], layout.alphas.shape[3]
     K = W * VNNI_COLS
-    RB = VNNI_ROWS // 16
+    RB = _VNNI_BLOCKS
     rg, cg = layout.row_group, layout.col_group
     tasks = NB // RB
 
@@ -524,18 +532,7 @@ def _vnni(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
                         accf[rb, lane] = T.float32(0)
                 for q in range(Q):
                     for wi in range(W):
-                        for rb in T.unroll(RB):
-                            for lane in T.vectorized(16):
-                                acci[rb, lane] = 0
-                        for t in T.unroll(8):
-                            for rb in T.unroll(RB):
-                                acci[rb, T.ramp(0, 1, 16)] = _dpbusd(
-                                    acci[rb, T.ramp(0, 1, 16)],
-                                    T.bitwise_and(T.shift_right(
-                                        T.reinterpret("int32x16", w.vload([task * RB + rb, q, wi, 0, 0], "uint8x64")),
-                                        T.broadcast(T.int32(t), 16)), T.broadcast(T.int32(0x01010101), 16)),
-                                    T.broadcast(T.reinterpret("int32", xq.vload([m, g, q, wi * VNNI_COLS + t * 4],
-                                                                                 "int8x4")), 16))
+                        _plane_word(acci, w, xq, task, q, wi, m, g, q)
                         for rb in T.unroll(RB):
                             for lane in T.vectorized(16):
                                 accf[rb, lane] = accf[rb, lane] + (
@@ -553,20 +550,19 @@ def _vnni_rows(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
     change along a word), each word's integer sum is scaled back and summed over the
     column group, and then multiplied by the 16 rows' alphas (rebuilt from codes laid out
     16 rows side by side)."""
-    from .tvm_kernels import _dpbusd
 
     Q, TT = layout.bits, layout.terms
     NB, W = layout.planes.shape[0], layout.planes.shape[2]
     CG = layout.alphas.shape[3]
     K = W * VNNI_COLS
-    RB = VNNI_ROWS // 16
+    RB = _VNNI_BLOCKS
     WG = layout.col_group // VNNI_COLS
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((M, K), "float32"), w: T.Buffer((NB, Q, W, 16, 4), "uint8"),
                a: T.Buffer((NB, Q, TT, CG, 16), "int8"), y: T.Buffer((M, NB * 16), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        xq = T.alloc_buffer((M, K), "int8")
+        xq = T.alloc_buffer((M, 1, 1, K), "int8")  # (the shape of _vnni's, one group and plane)
         xscale = T.alloc_buffer((M, W), "float32")
         xsum = T.alloc_buffer((M, W), "float32")
         for m, wi in T.grid(M, W):
@@ -579,7 +575,7 @@ def _vnni_rows(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
             xscale[m, wi] = peak[0] / T.float32(127)
             for kk in T.vectorized(VNNI_COLS):
                 rounded[kk] = T.round(x[m, wi * VNNI_COLS + kk] * (T.float32(127) / peak[0]))
-                xq[m, wi * VNNI_COLS + kk] = T.Cast("int8", rounded[kk])
+                xq[m, 0, 0, wi * VNNI_COLS + kk] = T.Cast("int8", rounded[kk])
             total[0] = T.float32(0)
             for kk in range(VNNI_COLS):
                 total[0] = total[0] + rounded[kk]
@@ -599,19 +595,7 @@ def _vnni_rows(M: int, layout: BcqVnniLayout) -> tirx.PrimFunc:
                             for lane in T.vectorized(16):
                                 part[rb, lane] = T.float32(0)
                         for wj in range(WG):
-                            for rb in T.unroll(RB):
-                                for lane in T.vectorized(16):
-                                    acci[rb, lane] = 0
-                            for t in T.unroll(8):
-                                for rb in T.unroll(RB):
-                                    acci[rb, T.ramp(0, 1, 16)] = _dpbusd(
-                                        acci[rb, T.ramp(0, 1, 16)],
-                                        T.bitwise_and(T.shift_right(
-                                            T.reinterpret("int32x16",
-                                                          w.vload([task * RB + rb, q, g * WG + wj, 0, 0], "uint8x64")),
-                                            T.broadcast(T.int32(t), 16)), T.broadcast(T.int32(0x01010101), 16)),
-                                        T.broadcast(T.reinterpret("int32", xq.vload(
-                                            [m, (g * WG + wj) * VNNI_COLS + t * 4], "int8x4")), 16))
+                            _plane_word(acci, w, xq, task, q, g * WG + wj, m, 0, 0)
                             for rb in T.unroll(RB):
                                 for lane in T.vectorized(16):
                                     part[rb, lane] = part[rb, lane] + (
@@ -714,29 +698,39 @@ def qgather_te(planes, indices, alphas, row_group: int, col_group: int, cols: in
     return te.compute((indices.shape[0], cols), value, name="qgather")
 
 
+def _signed_alphas_te(bits: int, terms: int, code, bit):
+    """``sum_q (bit(q) ? alpha_q : -alpha_q)`` with ``alpha_q = sum_t term(code(q, t))``."""
+    total = None
+    for q in range(bits):
+        alpha = None
+        for t in range(terms):
+            term = _term_te(code(q, t).astype("int32"))
+            alpha = term if alpha is None else alpha + term
+        signed = tirx.Select(bit(q) != 0, alpha, -alpha)
+        total = signed if total is None else total + signed
+    return total
+
+
+def _gather_rows_te(indices, vocab: int, cols: int, value):
+    """``Y[I, cols] = value(row, d)`` of the rows ``indices`` (negative ones wrap)."""
+
+    def at(i, d):
+        index = indices[i].astype("int64")
+        return value(tirx.Select(index < 0, index + vocab, index), d)
+
+    return te.compute((indices.shape[0], cols), at, name="qgather")
+
+
 def qgather_lanes_te(planes, indices, alphas, vocab: int, row_group: int, col_group: int, cols: int):
     """:func:`qgather_te` reading a :class:`BcqCpuLayout` in place (a table tied to an LM head
     whose GEMV/GEMM kernel takes that layout, so the artifact holds the table once): row
     ``r``'s byte ``b`` of plane ``q`` at ``planes[r / lanes, q, b, r % lanes]``, its alpha codes
     at ``alphas[r / row_group, q, term, col / col_group]``."""
     lanes = int(planes.shape[3])
-    bits, terms = int(planes.shape[1]), int(alphas.shape[2])
-
-    def value(i, d):
-        index = indices[i].astype("int64")
-        row = tirx.Select(index < 0, index + vocab, index)
-        total = None
-        for q in range(bits):
-            alpha = None
-            for t in range(terms):
-                term = _term_te(alphas[row // row_group, q, t, d // col_group].astype("int32"))
-                alpha = term if alpha is None else alpha + term
-            bit = (planes[row // lanes, q, d // 8, row % lanes].astype("int32") >> (d % 8)) & 1
-            signed = tirx.Select(bit != 0, alpha, -alpha)
-            total = signed if total is None else total + signed
-        return total
-
-    return te.compute((indices.shape[0], cols), value, name="qgather")
+    return _gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
+        int(planes.shape[1]), int(alphas.shape[2]),
+        lambda q, t: alphas[row // row_group, q, t, d // col_group],
+        lambda q: (planes[row // lanes, q, d // 8, row % lanes].astype("int32") >> (d % 8)) & 1))
 
 
 def qgather_vnni_rows_te(planes, indices, alphas, vocab: int, col_group: int, cols: int):
@@ -744,24 +738,10 @@ def qgather_vnni_rows_te(planes, indices, alphas, vocab: int, col_group: int, co
     an LM head that runs the int8-activation GEMV): row ``r``'s column ``d`` of plane ``q`` is
     bit ``(d % 32) / 4`` of byte ``d % 4`` at ``planes[r / 16, q, d / 32, r % 16]``, its alpha
     codes at ``alphas[r / 16, q, term, d / col_group, r % 16]``."""
-    bits, terms = int(planes.shape[1]), int(alphas.shape[2])
-
-    def value(i, d):
-        index = indices[i].astype("int64")
-        row = tirx.Select(index < 0, index + vocab, index)
-        total = None
-        for q in range(bits):
-            alpha = None
-            for t in range(terms):
-                term = _term_te(alphas[row // 16, q, t, d // col_group, row % 16].astype("int32"))
-                alpha = term if alpha is None else alpha + term
-            byte = planes[row // 16, q, d // VNNI_COLS, row % 16, d % 4].astype("int32")
-            bit = (byte >> (d % VNNI_COLS // 4)) & 1
-            signed = tirx.Select(bit != 0, alpha, -alpha)
-            total = signed if total is None else total + signed
-        return total
-
-    return te.compute((indices.shape[0], cols), value, name="qgather")
+    return _gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
+        int(planes.shape[1]), int(alphas.shape[2]),
+        lambda q, t: alphas[row // 16, q, t, d // col_group, row % 16],
+        lambda q: (planes[row // 16, q, d // VNNI_COLS, row % 16, d % 4].astype("int32") >> (d % VNNI_COLS // 4)) & 1))
 
 
 def dequantize_te(planes, alphas, row_group: int, col_group: int, cols: int):
