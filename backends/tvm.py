@@ -277,8 +277,8 @@ class TvmArtifact:
             self._vm = VirtualMachine(module, self._device)
             params = np.load(folder / backend["params_file"])
             self._params = [tvm.runtime.tensor(params[name], self._device) for name in backend["params"]]
-            self._param_pointers = ({np.from_dlpack(p).ctypes.data for p in self._params}
-                                    if self._device.dlpack_device_type() == DLPACK_CPU else set())
+            self._cpu = self._device.dlpack_device_type() == DLPACK_CPU
+            self._param_pointers = {np.from_dlpack(p).ctypes.data for p in self._params} if self._cpu else set()
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"{folder}: the TVM runtime cannot load it ({first})") from None
@@ -324,7 +324,7 @@ class TvmArtifact:
             raise CalibrationError(
                 f"inputs do not match the artifact (missing: {', '.join(missing) or '-'}; "
                 f"unknown: {', '.join(unknown) or '-'}; expected: {', '.join(self.input_names)})")
-        cpu = self._device.dlpack_device_type() == DLPACK_CPU
+        cpu = self._cpu
         args, arrays = [], []
         for name in self.input_names:
             value = np.ascontiguousarray(np.asarray(feeds[name]).astype(self._dtypes.get(name, feeds[name].dtype),

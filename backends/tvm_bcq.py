@@ -48,6 +48,8 @@ from tvm.script import tirx as T
 
 from qcompile.ir.bcq import EXPONENT_BIAS, BCQWeight
 
+from .tvm_kernels import gather_rows_te
+
 GEMV_MAX_ROWS = 4  # activation rows up to which the GEMV kernels are used
 GEMV_KERNELS = ("plain", "lut")
 DEFAULT_GEMV = "plain"  # the faster of the two on this project's CPUs (benchmarks/gemv.py)
@@ -112,12 +114,17 @@ def cpu_layout(weight: BCQWeight) -> BcqCpuLayout:
     planes = np.zeros((padded, weight.bits, weight.planes.shape[2]), np.uint8)
     planes[: weight.rows] = weight.planes
     planes = np.ascontiguousarray(planes.reshape(padded // lanes, lanes, weight.bits, -1).transpose(0, 2, 3, 1))
-    padded_cols = weight.planes.shape[2] * 8
-    col_groups = -(-padded_cols // weight.col_group)
+    return BcqCpuLayout(planes, _column_major_codes(weight), weight.rows, weight.cols, weight.row_group,
+                        weight.col_group, lanes=lanes)
+
+
+def _column_major_codes(weight: BCQWeight) -> np.ndarray:
+    """The alpha codes ``[row_groups, bits, terms, col_groups']``, column groups padded (code 0 =
+    no term) to cover the planes' padded columns: input columns contiguous."""
+    col_groups = -(-weight.planes.shape[2] * 8 // weight.col_group)
     codes = np.zeros((weight.alphas.shape[0], col_groups, weight.bits, weight.terms), np.int8)
     codes[:, : weight.alphas.shape[1]] = weight.alphas
-    alphas = np.ascontiguousarray(codes.transpose(0, 2, 3, 1))
-    return BcqCpuLayout(planes, alphas, weight.rows, weight.cols, weight.row_group, weight.col_group, lanes=lanes)
+    return np.ascontiguousarray(codes.transpose(0, 2, 3, 1))
 
 
 def _term(code):
@@ -414,8 +421,7 @@ def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
     words = weight.planes.shape[2] // 4
     # within each 32-column word, bit t of byte j becomes column 4t + j (it was 8j + t): the
     # 4 bytes that one shift by t yields then meet 4 consecutive activations
-    bits = np.unpackbits(weight.planes, axis=2, bitorder="little").reshape(weight.rows, weight.bits, words, 4, 8)
-    bits = bits.reshape(weight.rows, weight.bits, words, 32).reshape(weight.rows, weight.bits, words, 8, 4)
+    bits = np.unpackbits(weight.planes, axis=2, bitorder="little").reshape(weight.rows, weight.bits, words, 8, 4)
     repacked = np.packbits(bits.transpose(0, 1, 2, 4, 3), axis=4, bitorder="little").reshape(weight.rows, weight.bits, -1)
     planes = np.zeros((padded, weight.bits, weight.planes.shape[2]), np.uint8)
     planes[: weight.rows] = repacked
@@ -425,8 +431,8 @@ def vnni_layout(weight: BCQWeight) -> BcqVnniLayout:
         codes[: weight.rows] = weight.alphas
         alphas = np.ascontiguousarray(codes.reshape(padded // 16, 16, *codes.shape[1:]).transpose(0, 3, 4, 2, 1))
         return BcqVnniLayout(planes, alphas, weight.rows, weight.cols, 1, weight.col_group, per_row=True)
-    lanes = cpu_layout(weight)  # the alpha codes as the other CPU kernels take them
-    return BcqVnniLayout(planes, lanes.alphas, weight.rows, weight.cols, weight.row_group, weight.col_group)
+    return BcqVnniLayout(planes, _column_major_codes(weight), weight.rows, weight.cols, weight.row_group,
+                         weight.col_group)
 
 
 _VNNI_BLOCKS = VNNI_ROWS // 16  # 16-lane accumulators per task
@@ -627,20 +633,24 @@ def _term_te(code):
     return tirx.Select(code > 0, magnitude, tirx.Select(code < 0, -magnitude, tirx.const(0, "float32")))
 
 
-def _decode_te(planes, alphas, row, col, row_group: int, col_group: int):
-    """The float value of weight ``[row, col]`` from planes ``[R, Q, B]`` and codes ``[RG, CG, Q, T]``."""
-    bits, terms = int(planes.shape[1]), int(alphas.shape[3])
-    byte = col // 8
-    value = None
+def _signed_alphas_te(bits: int, terms: int, code, bit):
+    """``sum_q (bit(q) ? alpha_q : -alpha_q)`` with ``alpha_q = sum_t term(code(q, t))``."""
+    total = None
     for q in range(bits):
         alpha = None
         for t in range(terms):
-            term = _term_te(alphas[row // row_group, col // col_group, q, t].astype("int32"))
+            term = _term_te(code(q, t).astype("int32"))
             alpha = term if alpha is None else alpha + term
-        bit = (planes[row, q, byte].astype("int32") >> (col % 8)) & 1
-        signed = tirx.Select(bit != 0, alpha, -alpha)
-        value = signed if value is None else value + signed
-    return value
+        signed = tirx.Select(bit(q) != 0, alpha, -alpha)
+        total = signed if total is None else total + signed
+    return total
+
+
+def _decode_te(planes, alphas, row, col, row_group: int, col_group: int):
+    """The float value of weight ``[row, col]`` from planes ``[R, Q, B]`` and codes ``[RG, CG, Q, T]``."""
+    return _signed_alphas_te(int(planes.shape[1]), int(alphas.shape[3]),
+                             lambda q, t: alphas[row // row_group, col // col_group, q, t],
+                             lambda q: (planes[row, q, col // 8].astype("int32") >> (col % 8)) & 1)
 
 
 def qmatmul_te(x, planes, alphas, row_group: int, col_group: int, cols: int):
@@ -688,37 +698,8 @@ def qmatmul_split_te(x, *arrays, bits: int, row_group: int, col_group: int, cols
 
 def qgather_te(planes, indices, alphas, row_group: int, col_group: int, cols: int):
     """``Y[I, cols] = decode(W)[indices]`` for flat int64 ``indices`` (negative ones wrap)."""
-    vocab = planes.shape[0]
-
-    def value(i, d):
-        index = indices[i].astype("int64")
-        row = tirx.Select(index < 0, index + vocab, index)
-        return _decode_te(planes, alphas, row, d, row_group, col_group)
-
-    return te.compute((indices.shape[0], cols), value, name="qgather")
-
-
-def _signed_alphas_te(bits: int, terms: int, code, bit):
-    """``sum_q (bit(q) ? alpha_q : -alpha_q)`` with ``alpha_q = sum_t term(code(q, t))``."""
-    total = None
-    for q in range(bits):
-        alpha = None
-        for t in range(terms):
-            term = _term_te(code(q, t).astype("int32"))
-            alpha = term if alpha is None else alpha + term
-        signed = tirx.Select(bit(q) != 0, alpha, -alpha)
-        total = signed if total is None else total + signed
-    return total
-
-
-def _gather_rows_te(indices, vocab: int, cols: int, value):
-    """``Y[I, cols] = value(row, d)`` of the rows ``indices`` (negative ones wrap)."""
-
-    def at(i, d):
-        index = indices[i].astype("int64")
-        return value(tirx.Select(index < 0, index + vocab, index), d)
-
-    return te.compute((indices.shape[0], cols), at, name="qgather")
+    return gather_rows_te(indices, planes.shape[0], cols,
+                          lambda row, d: _decode_te(planes, alphas, row, d, row_group, col_group))
 
 
 def qgather_lanes_te(planes, indices, alphas, vocab: int, row_group: int, col_group: int, cols: int):
@@ -727,7 +708,7 @@ def qgather_lanes_te(planes, indices, alphas, vocab: int, row_group: int, col_gr
     ``r``'s byte ``b`` of plane ``q`` at ``planes[r / lanes, q, b, r % lanes]``, its alpha codes
     at ``alphas[r / row_group, q, term, col / col_group]``."""
     lanes = int(planes.shape[3])
-    return _gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
+    return gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
         int(planes.shape[1]), int(alphas.shape[2]),
         lambda q, t: alphas[row // row_group, q, t, d // col_group],
         lambda q: (planes[row // lanes, q, d // 8, row % lanes].astype("int32") >> (d % 8)) & 1))
@@ -738,7 +719,7 @@ def qgather_vnni_rows_te(planes, indices, alphas, vocab: int, col_group: int, co
     an LM head that runs the int8-activation GEMV): row ``r``'s column ``d`` of plane ``q`` is
     bit ``(d % 32) / 4`` of byte ``d % 4`` at ``planes[r / 16, q, d / 32, r % 16]``, its alpha
     codes at ``alphas[r / 16, q, term, d / col_group, r % 16]``."""
-    return _gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
+    return gather_rows_te(indices, vocab, cols, lambda row, d: _signed_alphas_te(
         int(planes.shape[1]), int(alphas.shape[2]),
         lambda q, t: alphas[row // 16, q, t, d // col_group, row % 16],
         lambda q: (planes[row // 16, q, d // VNNI_COLS, row % 16, d % 4].astype("int32") >> (d % VNNI_COLS // 4)) & 1))

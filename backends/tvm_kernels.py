@@ -401,19 +401,32 @@ def _gemm_cpu(M: int, layout: CpuLayout, bits: int, gs: int, K: int) -> tirx.Pri
 # ----------------------------------------------------------------------------------
 
 
+def _code_te(byte, col, bits: int):
+    """Code ``col`` of a row in the packed layout, its bytes read through ``byte(b)`` (int32)."""
+    mask = (1 << bits) - 1
+    run, bit = col // 8, (col % 8) * bits
+    low = byte(run * bits + bit // 8)
+    if bits in (2, 4, 8):
+        return (low >> (bit % 8)) & mask
+    high = byte(run * bits + tirx.min(bit // 8 + 1, bits - 1))
+    return ((low | (high << 8)) >> (bit % 8)) & mask
+
+
 def _decode_te(packed, scales, zero_points, row, col, bits: int, group_size: int):
     """The float value of weight ``[row, col]`` read from the packed ``[rows, bytes]`` layout."""
-    mask = (1 << bits) - 1
-    run, i = col // 8, col % 8
-    bit = i * bits
-    low = packed[row, run * bits + bit // 8].astype("int32")
-    if bits in (2, 4, 8):
-        code = (low >> (bit % 8)) & mask
-    else:
-        high = packed[row, run * bits + tirx.min(bit // 8 + 1, bits - 1)].astype("int32")
-        code = ((low | (high << 8)) >> (bit % 8)) & mask
+    code = _code_te(lambda b: packed[row, b].astype("int32"), col, bits)
     group = col // group_size
     return (code.astype("float32") - zero_points[row, group].astype("float32")) * scales[row, group].astype("float32")
+
+
+def gather_rows_te(indices, vocab: int, cols: int, value):
+    """``Y[I, cols] = value(row, d)`` for the rows ``indices`` (flat int64; negative ones wrap)."""
+
+    def at(i, d):
+        index = indices[i].astype("int64")
+        return value(tirx.Select(index < 0, index + vocab, index), d)
+
+    return te.compute((indices.shape[0], cols), at, name="qgather")
 
 
 def split3_planes(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -455,14 +468,8 @@ def qmatmul_te(x, packed, scales, zero_points, bits: int, group_size: int, cols:
 
 def qgather_te(packed, indices, scales, zero_points, bits: int, group_size: int, cols: int):
     """``Y[I, cols] = decode(W)[indices]`` for flat int64 ``indices`` (negative ones wrap)."""
-    vocab = packed.shape[0]
-
-    def value(i, d):
-        index = indices[i].astype("int64")
-        row = tirx.Select(index < 0, index + vocab, index)
-        return _decode_te(packed, scales, zero_points, row, d, bits, group_size)
-
-    return te.compute((indices.shape[0], cols), value, name="qgather")
+    return gather_rows_te(indices, packed.shape[0], cols,
+                          lambda row, d: _decode_te(packed, scales, zero_points, row, d, bits, group_size))
 
 
 def qgather_layout_te(packed, indices, scales, zero_points, kind: str, lanes: int, vocab: int, bits: int,
@@ -473,35 +480,25 @@ def qgather_layout_te(packed, indices, scales, zero_points, kind: str, lanes: in
     ``[r / 16, b / 4, r % 16, b % 4]`` (``vnni``; 3 bits there: the 2-bit plane's words, then
     the 1-bit plane's, see :func:`vnni_layout`); scales and zero points at ``[r / lanes, g, r % lanes]``."""
 
-    def byte(row, b):
-        if kind == "vnni":
-            return packed[row // 16, b // 4, row % 16, b % 4].astype("int32")
-        return packed[row // lanes, b, row % lanes].astype("int32")
+    step = 16 if kind == "vnni" else lanes
 
-    def value(i, d):
-        index = indices[i].astype("int64")
-        row = tirx.Select(index < 0, index + vocab, index)
+    def value(row, d):
+        def byte(b):
+            if kind == "vnni":
+                return packed[row // 16, b // 4, row % 16, b % 4].astype("int32")
+            return packed[row // lanes, b, row % lanes].astype("int32")
+
         if kind == "vnni" and bits == 3:
             low_words = packed.shape[1] * 2 // 3  # 2-bit plane: 2 of every 3 bits
-            low = (byte(row, d // 4) >> ((d % 4) * 2)) & 3
-            high = (byte(row, low_words * 4 + d // 8) >> (d % 8)) & 1
-            code = low | (high << 2)
+            code = ((byte(d // 4) >> ((d % 4) * 2)) & 3) | (((byte(low_words * 4 + d // 8) >> (d % 8)) & 1) << 2)
         else:
-            mask = (1 << bits) - 1
-            run, bit = d // 8, (d % 8) * bits
-            low = byte(row, run * bits + bit // 8)
-            if bits in (2, 4, 8):
-                code = (low >> (bit % 8)) & mask
-            else:
-                high = byte(row, run * bits + tirx.min(bit // 8 + 1, bits - 1))
-                code = ((low | (high << 8)) >> (bit % 8)) & mask
+            code = _code_te(byte, d, bits)
         group = d // group_size
-        step = 16 if kind == "vnni" else lanes
         scale = scales[row // step, group, row % step].astype("float32")
         zero = zero_points[row // step, group, row % step].astype("float32")
         return (code.astype("float32") - zero) * scale
 
-    return te.compute((indices.shape[0], cols), value, name="qgather")
+    return gather_rows_te(indices, vocab, cols, value)
 
 
 def dequantize_te(packed, scales, zero_points, bits: int, group_size: int, cols: int):
