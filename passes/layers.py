@@ -20,14 +20,18 @@ from qcompile.ir.runtime import error_metrics
 
 from .base import matches_any
 
+# Initializers named so are the online rotations of the ``rotate`` pass: exact ``Q``/``Qᵀ``
+# products that keep the function unchanged, which no weight pass may touch.
+ROTATION_PREFIX = "qcompile.rotation."
+
 
 def weight_of(node: gs.Node) -> gs.Constant | None:
-    """The constant weight of a quantizable node, or None."""
+    """The constant weight of a quantizable node, or None (also for the rotate pass's online rotations)."""
     position = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}.get(node.op)
     if position is None or node.domain not in ("", "ai.onnx", None) or len(node.inputs) <= position:
         return None
     weight = node.inputs[position]
-    if not isinstance(weight, gs.Constant):
+    if not isinstance(weight, gs.Constant) or weight.name.startswith(ROTATION_PREFIX):
         return None
     ndim = len(weight.shape or ())
     if node.op == "Conv":

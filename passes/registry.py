@@ -22,6 +22,7 @@ BUILTIN_PASSES = {
     "fold": "qcompile.passes.fold:Fold",
     "prune": "qcompile.passes.prune:Prune",
     "quant": "qcompile.passes.quant:Quant",
+    "rotate": "qcompile.passes.rotate:Rotate",
     "shiftadd": "qcompile.passes.shiftadd:ShiftAdd",
     "split": "qcompile.passes.split:Split",
     "tune": "qcompile.passes.tune:Tune",

@@ -317,3 +317,36 @@ def test_tied_head_views_the_packed_bytes_of_an_embedding_left_as_reference(tiny
     views = [n for n in model.graph.nodes if n.op == "Reshape" and n.inputs[0] is gather.inputs[0]]
     assert len(views) == 1 and views[0].outputs[0].outputs[0].op == "MatMulNBits"
     assert result.manifest["errors"]["artifact_vs_ir"]["logits"]["sqnr_db"] > 30
+
+
+def test_rotate_is_exact_on_a_decode_graph_and_keeps_the_tied_table_once(tiny, tmp_path):
+    """The table is tied to the LM head: it stays as it is, Q is applied after the lookup and
+    Qᵀ before the final norm (both left in float by the weight passes that follow); with
+    ``down``, each down projection's input is rotated online too."""
+    model = canonicalize(io.load(tiny["decode"]))
+    rng = np.random.default_rng(4)
+    ids = _ids(seed=5, length=3)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((2, 7), np.int64),
+             **{name: rng.standard_normal((2, KV_HEADS, 4, HEAD_DIM)).astype(np.float32) for name in _empty_past(2)}}
+    reference = make_session(model).run(None, feeds)
+    (result,) = _run_passes(model, "rotate(down=32)", _calibration(decode=True))
+    stats = result.stats
+    assert stats["matched"] == {"RMSNorm": 2 * LAYERS + 1}
+    assert stats["down"] == {"block": 32, "rotated": LAYERS, "skipped": {}}
+    assert (stats["readers_rotated"], stats["writers_rotated"]) == (5 * LAYERS, 2 * LAYERS)  # qkv+gate/up; o+down
+    assert [entry.split()[0] for entry in stats["online"]] == ["after", "before"]
+    for got, want in zip(make_session(model).run(None, feeds), reference, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    # then 4-bit: the tied table is still stored once, the rotations stay float, the artifact runs
+    calib = _calibration(decode=True)
+    result = compile_model(str(tiny["decode"]), passes="rotate(down=32),quant(bits=4,min_size=0)", calib=calib,
+                           output=tmp_path / "out")
+    stats = result.records[1].stats
+    assert stats["patterns"]["tied_embeddings"] == 1
+    artifact = io.load(tmp_path / "out" / "model.onnx")
+    rotations = [t for t in artifact.tensors().values() if t.name.startswith("qcompile.rotation.")]
+    assert sorted(t.name for t in rotations) == ["qcompile.rotation.down32", "qcompile.rotation.q",
+                                                 "qcompile.rotation.q_t"]
+    fp32 = perplexity(open_lm(tiny["decode"]), _ids(seed=3, batch=3, length=32))
+    quantized = perplexity(open_lm(tmp_path / "out"), _ids(seed=3, batch=3, length=32))
+    assert abs(np.log(quantized["perplexity"] / fp32["perplexity"])) < 0.05
