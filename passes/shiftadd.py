@@ -10,6 +10,8 @@ binary planes and alphas that are sums of at most ``apot_terms`` powers of two
   (``layout=column``) or block of 8 columns (``layout=block``) is fitted after the errors of
   the columns before it were fed forward, alphas shared by ``group_size`` output rows.
   This is the paper's weight + output-activation objective.
+  ``layout=row``: alphas per output row and ``table_group`` consecutive input columns
+  instead (ShiftAddLLM's per-channel groups), each group fitted when the walk reaches it.
 * Gather embedding tables and Conv: row-wise BCQ (alphas per row and ``table_group``
   columns), the only layout ``QGather`` can index. A table tied to an LM head (the same
   values in both) is fitted once, row-wise, inside the GPTQ walk on the head's Hessian, and
@@ -63,9 +65,11 @@ class ShiftAdd(Pass):
                        min=1, max=4)
     apot_terms: int = option(3, "powers of two per alpha", min=1, max=4)
     layout: str = option("column", "column = alphas per input column (most accurate); block = 8 consecutive "
-                         "input columns share them (the lookup-table kernel's layout)", choices=("column", "block"))
+                         "input columns share them (the lookup-table kernel's layout); row = alphas per output "
+                         "row and table_group input columns (ShiftAddLLM's per-channel groups)",
+                         choices=("column", "block", "row"))
     group_size: int = option(128, "MatMul/Gemm: output rows sharing one alpha (0 = all rows)", min=0)
-    table_group: int = option(128, "embedding tables and Conv: columns sharing one alpha (row-wise layout)",
+    table_group: int = option(128, "embedding tables, Conv and layout=row: columns sharing one alpha (row-wise layout)",
                               choices=(8, 16, 32, 64, 128, 256))
     rounds: int = option(5, "alternating least-squares rounds per group (alphas, APoT rounding, codes)",
                          min=0, max=200)
@@ -169,7 +173,8 @@ class ShiftAdd(Pass):
         which ``QGather`` needs, fitted in the GPTQ walk on the head's Hessian) or ``table``."""
         if kind == "linear" or (kind == "tied" and gram is not None):
             hessian = gram if gram is not None else np.eye(matrix.shape[1])
-            layout, group = (self.layout, self.group_size) if kind == "linear" else ("row", self.table_group)
+            row_wise = kind != "linear" or self.layout == "row"
+            layout, group = ("row", self.table_group) if row_wise else (self.layout, self.group_size)
             return bcq_gptq(matrix, hessian, bits, terms=self.apot_terms, layout=layout,
                             group_size=group, rounds=self.rounds, damp=self.damp,
                             act_order=self.act_order, outliers=self.outliers, outlier_terms=self.outlier_terms)
@@ -182,7 +187,7 @@ class ShiftAdd(Pass):
         byte per alpha term and group, and ``outliers`` corrections of a column index and
         ``outlier_terms`` bytes each."""
         blocks = -(-cols // 8)
-        if kind == "linear":
+        if kind == "linear" and self.layout != "row":
             row_group = min(self.group_size, rows) if self.group_size > 0 else rows
             groups = -(-rows // row_group) * (blocks if self.layout == "block" else cols)
         else:  # row-wise alphas

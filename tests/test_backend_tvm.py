@@ -273,6 +273,8 @@ def test_minilm_tvm_matches_ort_artifact(tmp_path):
     (2, "block", 1),
     (2, "column", 3),  # GEMM kernel (12 rows)
     (3, "block", 3),
+    (3, "row", 1),  # alphas per output row and 32 input columns
+    (2, "row", 3),
 ])
 def test_bcq_parity_with_ir_reference(tmp_path, bits, layout, batch):
     """The float32-activation kernels (``accuracy_level`` below 4) are exact."""
@@ -281,7 +283,7 @@ def test_bcq_parity_with_ir_reference(tmp_path, bits, layout, batch):
     result, ir_model = _compile(tmp_path, mlp_model(), spec, {"ids": (batch, 4)},
                                 calib={"ids": mlp_feeds(8, seed=7)["ids"]}, accuracy_level=0)
     layers = result.manifest["layers"]
-    kind = "GEMV" if batch == 1 else "GEMM"
+    kind = "GEMV" if batch == 1 and layout != "row" else "GEMM"  # row-wise alphas: float tiles (VNNI rows at level 4)
     assert layers["fc1"]["kernel"] == f"tvm decode-fused {kind} bcq{bits} {layout} (cpu, 64 lanes)"
     assert layers["fc2"]["kernel"].startswith(f"tvm decode-fused {kind} bcq{bits}")
     assert layers["embed"]["kernel"] == f"tvm decode-fused gather bcq{bits}"
@@ -323,7 +325,7 @@ def test_bcq_outliers_parity_with_ir_reference(tmp_path, bits, layout, batch):
 
 
 @pytest.mark.parametrize("bits, layout, batch, outliers", [
-    (3, "column", 1, 0), (2, "block", 1, 0), (3, "column", 1, 0.05)])
+    (3, "column", 1, 0), (2, "block", 1, 0), (3, "column", 1, 0.05), (3, "row", 1, 0)])
 def test_bcq_int8_activation_kernel(tmp_path, bits, layout, batch, outliers):
     """At ``accuracy_level=4`` (the default) on AVX-512 VNNI CPUs, bcq GEMV layers take int8
     activations: shifted by the alphas, quantized per 32 columns, summed by ``vpdpbusd``

@@ -137,7 +137,8 @@ def test_bad_plans_and_budgets_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("options", ["", "layout=block,apot_terms=2", "group_size=0,outliers=0",
-                                     "group_size=32,table_group=16,outliers=0.05,outlier_terms=3"])
+                                     "group_size=32,table_group=16,outliers=0.05,outlier_terms=3",
+                                     "layout=row,table_group=32"])
 def test_shiftadd_stored_bytes_equal_the_fitted_weights(options):
     """What a max_mb budget counts for a layer is exactly what shiftadd then stores."""
     from qcompile.passes.shiftadd import ShiftAdd

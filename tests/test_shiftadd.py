@@ -37,16 +37,20 @@ def _output_error(inputs, weight, recon):
     return float(np.square(inputs @ weight.T - inputs @ recon.T).sum())
 
 
-@pytest.mark.parametrize("layout", ["column", "block"])
+@pytest.mark.parametrize("layout", ["column", "block", "row"])
 def test_shiftadd_rewrites_every_layer_and_runs_in_onnx_runtime(layout):
     model = _canonical(mlp_model())
     calib = random_calibration(model, 8)
-    result, (record,) = _run(model, f"shiftadd(bits=3,layout={layout},group_size=32,min_size=0,outliers=0)", calib)
+    result, (record,) = _run(model, f"shiftadd(bits=3,layout={layout},group_size=32,table_group=16,min_size=0,"
+                                    "outliers=0)", calib)
     ops = {n.name: n.op for n in result.graph.nodes}
     assert ops["embed"] == "QGather" and ops["fc1"] == "QMatMul" and ops["fc3"] == "QMatMul"
     assert all(n.attrs["format"] == "bcq" for n in result.quantized_nodes())
     assert record.stats["quantized"] == 4 and record.stats["layers"]["fc1"]["layout"] == layout
     assert record.stats["layers"]["embed"]["layout"] == "row"
+    if layout == "row":  # alphas per output row and 16 input columns
+        fc1 = qops.read_weight(next(n for n in result.quantized_nodes() if n.name == "fc1"))
+        assert (fc1.row_group, fc1.col_group) == (1, 16)
     assert record.stats["layers"]["fc1"]["output_cosine"] > 0.97
     assert record.output_error["y"]["cosine"] > 0.95
     assert all(result.provenance[n.name] == "shiftadd" for n in result.quantized_nodes())
