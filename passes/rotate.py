@@ -58,7 +58,7 @@ class Rotate(Pass):
 
     name: ClassVar[str] = "rotate"
     summary: ClassVar[str] = ("exact: rotate an RMSNorm transformer's residual stream by a random Hadamard "
-                              "matrix (QuaRot R1), so low-bit weight grids fit better")
+                              "matrix (QuaRot R1), spreading outlier channels before low-bit passes")
     exact: ClassVar[bool] = True
 
     kind: str = option("hadamard", "hadamard = random-sign Hadamard (random orthogonal when no Hadamard "

@@ -135,6 +135,19 @@ def test_exact_passes_are_checked_numerically():
         PassManager([BreakExactness()], verify_exact=True, eval_samples=calib).run(model, PassContext(calib=calib))
 
 
+def test_exactness_tolerates_round_off_in_proportion_to_the_output_range():
+    """Logits spanning ±32 after 30 float32 layers move by ~1e-4 under an exact rewrite."""
+    rng = np.random.default_rng(0)
+    logits = (32 * np.tanh(rng.standard_normal((4, 100)))).astype(np.float32)
+    logits[0, 0] = 1e-3  # a logit near zero: its own relative tolerance is nothing
+    PassManager._check_exact(BreakExactness(), {"logits": logits}, {"logits": logits + 1e-4})
+    with pytest.raises(VerificationError, match="declared exact but changed output 'logits'"):
+        PassManager._check_exact(BreakExactness(), {"logits": logits}, {"logits": logits + 1e-2})
+    small = np.full(8, 0.5, np.float32)  # below 1 the floor stays EXACT_ATOL
+    with pytest.raises(VerificationError):
+        PassManager._check_exact(BreakExactness(), {"y": small}, {"y": small + 1e-4})
+
+
 # -- quant ----------------------------------------------------------------------------
 
 
