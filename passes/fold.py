@@ -299,16 +299,22 @@ def _tied_to_embedding(graph: gs.Graph) -> set[str]:
 
     Scaling such a weight would untie it from the table, which ``quant`` stores once.
     """
-    tables = [np.asarray(n.inputs[0].values) for n in graph.nodes
+    return set(tied_heads(graph))
+
+
+def tied_heads(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """Linear layers whose weight equals an embedding table (tied LM heads): node name -> the table."""
+    tables = [n.inputs[0] for n in graph.nodes
               if n.op == "Gather" and _constant(n.inputs[0]) and len(n.inputs[0].shape or ()) == 2]
-    tied = set()
+    tied = {}
     for node in graph.nodes:
         if node.op not in LINEAR_OPS or len(node.inputs) < 2 or not _constant(node.inputs[1]):
             continue
         for table in tables:
-            if tuple(node.inputs[1].shape or ()) in (table.shape, table.shape[::-1]) and \
-                    np.array_equal(_input_rows(node).T, table):
-                tied.add(node.name)
+            values = np.asarray(table.values)
+            if tuple(node.inputs[1].shape or ()) in (values.shape, values.shape[::-1]) and \
+                    np.array_equal(_input_rows(node).T, values):
+                tied[node.name] = table
     return tied
 
 

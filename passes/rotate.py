@@ -32,7 +32,6 @@ output of hidden states, say) makes the pass leave the model alone and say why.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -43,11 +42,9 @@ from qcompile.ir.model import Model
 
 from .base import Pass, PassResult, option
 from .context import PassContext
-from .fold import _tied_to_embedding
+from .fold import tied_heads
 from .layers import ROTATION_PREFIX
 from .patterns import RMSNorm, rmsnorms, swiglus
-
-log = logging.getLogger(__name__)
 
 ROTATED = "qcompile.rotated"  # model metadata: the spec of the rotation already applied
 
@@ -158,8 +155,11 @@ def _norm_readers(norm: RMSNorm) -> list[gs.Node]:
     return found
 
 
-def _is_matrix(tensor: gs.Tensor, *, cols: int) -> bool:
-    return isinstance(tensor, gs.Constant) and len(tensor.shape or ()) == 2 and tensor.shape[1] == cols
+def _is_matrix(tensor: gs.Tensor, *, rows: int | None = None, cols: int | None = None) -> bool:
+    """A constant 2-D weight, of ``rows`` rows and ``cols`` columns where given."""
+    if not isinstance(tensor, gs.Constant) or len(tensor.shape or ()) != 2:
+        return False
+    return rows in (None, tensor.shape[0]) and cols in (None, tensor.shape[1])
 
 
 def _is_row_vector(tensor: gs.Tensor, width: int) -> bool:
@@ -171,10 +171,9 @@ def _is_row_vector(tensor: gs.Tensor, width: int) -> bool:
 
 def apply_rotation(model: Model, stream: Stream, rotation: np.ndarray) -> dict:
     """Rotate ``stream`` by ``rotation`` in place (offline where a weight can take it, online where not)."""
-    graph = model.graph
-    tied = _tied_to_embedding(graph)
-    tables = {id(n.inputs[1]) for n in graph.nodes if n.name in tied}  # head weights equal to a table
-    tied_tables = _tables_tied_to_heads(graph, tied)
+    heads = tied_heads(model.graph)  # LM head -> the embedding table it equals
+    head_weights = {id(n.inputs[1]) for n in model.graph.nodes if n.name in heads}
+    tied_tables = {id(table) for table in heads.values()}
     online: list[str] = []
     constants: dict[str, gs.Constant] = {}
 
@@ -204,8 +203,8 @@ def apply_rotation(model: Model, stream: Stream, rotation: np.ndarray) -> dict:
     for norm in stream.norms:
         consumers = list(norm.output.outputs)
         foldable = consumers and all(
-            c.op == "MatMul" and c.inputs[0] is norm.output and _is_matrix(c.inputs[1], cols=c.inputs[1].shape[1])
-            and c.inputs[1].shape[0] == stream.width and len(c.inputs[1].outputs) == 1 and id(c.inputs[1]) not in tables
+            c.op == "MatMul" and c.inputs[0] is norm.output and _is_matrix(c.inputs[1], rows=stream.width)
+            and len(c.inputs[1].outputs) == 1 and id(c.inputs[1]) not in head_weights
             for c in consumers)
         if foldable:
             gamma = np.asarray(norm.gamma.values, np.float32)
@@ -227,26 +226,11 @@ def apply_rotation(model: Model, stream: Stream, rotation: np.ndarray) -> dict:
             "biases_rotated": len(stream.biases), "online": online}
 
 
-def _tables_tied_to_heads(graph: gs.Graph, tied: set[str]) -> set[int]:
-    """Ids of the Gather tables whose values an LM head in ``tied`` also holds."""
-    heads = [np.asarray(n.inputs[1].values) for n in graph.nodes if n.name in tied]
-    found = set()
-    for node in graph.nodes:
-        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
-            table = np.asarray(node.inputs[0].values)
-            if any(head.shape == table.shape[::-1] and np.array_equal(head.T, table) for head in heads):
-                found.add(id(node.inputs[0]))
-    return found
-
-
 def rotate_down_projections(model: Model, block: int, seed: int) -> dict:
     """``p -> p R`` before every SwiGLU down projection, ``W_down -> Rᵀ W_down``, with ``R`` block-diagonal
     (one random-sign Hadamard ``block x block`` repeated): online, since ``p`` is a product of two branches."""
-    found = hadamard(block)
-    assert found is not None  # every power of two is a Sylvester order
-    matrix = found[0]
-    signs = np.random.default_rng(seed + 1).choice([-1.0, 1.0], size=block)
-    rotation = (signs[:, None] * matrix / np.sqrt(block)).astype(np.float32)
+    rotation, _ = orthogonal(block, "hadamard", seed + 1)  # every power of two is a Sylvester order
+    rotation = rotation.astype(np.float32)
     constant = gs.Constant(f"{ROTATION_PREFIX}down{block}", rotation)
     rotated, skipped = [], {}
     for mlp in swiglus(model.graph):
